@@ -1,0 +1,146 @@
+"""The ``cnnkit`` command line: one sub-command per verb.
+
+    cnnkit recipes                              list the training recipes
+    cnnkit models                               list the model zoo
+    cnnkit train RECIPE [--epochs N] ...        train a recipe into a run directory
+    cnnkit train --resume --output RUN_DIR      continue an interrupted run
+    cnnkit evaluate RUN_DIR                     test metrics and report pictures
+    cnnkit feature-maps RUN_DIR IMAGE           feature-map grid PNGs of one image
+
+Errors a user can fix print one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from training.errors import CnnkitError
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        help="data root with the standard layouts (default: $CNNKIT_DATA_DIR, else the Keras downloads)",
+    )
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from training.config import list_recipes, load_recipe
+
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        course = f"course {recipe.course_accuracy * 100:.0f}%" if recipe.course_accuracy else ""
+        print(f"{name:28s} {recipe.model:16s} {recipe.epochs:4d} epochs  {course:12s} {recipe.description}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from training.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import apply_overrides, load_recipe
+    from training.train import train
+
+    if args.resume:
+        if not args.output:
+            raise CnnkitError("--resume needs --output RUN_DIR (the run to continue).")
+        train(run_dir=args.output, data_dir=args.data_dir, resume=True, epochs=args.epochs,
+              evaluate=not args.no_evaluate)
+        return 0
+    if not args.recipe:
+        raise CnnkitError("Name a recipe (see `cnnkit recipes`) or pass --resume --output RUN_DIR.")
+    config = load_recipe(args.recipe)
+    overrides = list(args.set or [])
+    for option, key in (("epochs", "epochs"), ("batch_size", "batch_size"),
+                        ("learning_rate", "learning_rate"), ("train_limit", "train_limit"),
+                        ("test_limit", "test_limit")):
+        value = getattr(args, option)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.weights is not None:
+        overrides.append(f"model_args.weights={args.weights}")
+    if overrides:
+        config = apply_overrides(config, overrides)
+    train(config, run_dir=args.output, data_dir=args.data_dir, evaluate=not args.no_evaluate)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_run
+
+    evaluate_run(args.run_dir, data_dir=args.data_dir)
+    return 0
+
+
+def cmd_feature_maps(args: argparse.Namespace) -> int:
+    from training.feature_maps import write_feature_map_grids
+
+    written = write_feature_map_grids(args.run_dir, args.image, layers=args.layer, output=args.out)
+    for path in written:
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnkit", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("recipes", help="list the training recipes").set_defaults(func=cmd_recipes)
+    commands.add_parser("models", help="list the model zoo").set_defaults(func=cmd_models)
+
+    train = commands.add_parser("train", help="train a recipe (or resume a run)")
+    train.add_argument("recipe", nargs="?", help="recipe name or YAML file")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--train-limit", type=int, help="train on a fixed-seed subset of N images")
+    train.add_argument("--test-limit", type=int, help="evaluate on a fixed-seed subset of N images")
+    train.add_argument("--weights", help="VGG16 base weights: imagenet, none, or a local .h5 file")
+    train.add_argument("--output", help="run directory (default runs/RECIPE-TIMESTAMP)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override any recipe field, e.g. --set augmentation.rotation=0.1")
+    train.add_argument("--no-evaluate", action="store_true", help="skip the final evaluation")
+    _add_data_dir(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a finished run on its test set")
+    evaluate.add_argument("run_dir")
+    _add_data_dir(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    maps = commands.add_parser("feature-maps", help="feature-map grid PNGs for one image")
+    maps.add_argument("run_dir", help="run directory (or a .keras model file)")
+    maps.add_argument("image", help="an image file")
+    maps.add_argument("--layer", action="append", help="layer name (repeatable; default: every conv layer)")
+    maps.add_argument("--out", default=None, help="output folder (default RUN_DIR/feature_maps)")
+    maps.set_defaults(func=cmd_feature_maps)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_tensorflow()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CnnkitError as error:
+        print(f"cnnkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cnnkit: interrupted; a training run can be continued with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

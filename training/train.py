@@ -1,0 +1,434 @@
+"""Training a recipe into a run directory, with checkpoints, early stopping and resume.
+
+A run directory holds::
+
+    config.yaml      the resolved recipe (what --resume and evaluate read back)
+    data.json        split sizes, class names and any unreadable files that were left out
+    state.json       the last completed epoch, the best monitored value, early-stopping state
+    last.keras       the model and optimizer state after the last completed epoch (resume point)
+    best.keras       the model at the best monitored epoch
+    history.csv      one row of metrics per epoch
+    tensorboard/     TensorBoard logs
+    model.keras      the final model (best weights restored), written when training ends
+    evaluation/      metrics.json and report pictures (see training.evaluate)
+
+Every file is written atomically, so killing a run at any moment leaves a resumable directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from training import data as data_module
+from training.config import RecipeConfig, load_config_file, save_config
+from training.errors import RunError
+from training.io import atomic_save, atomic_write_json
+from training.models import create_model, set_trainable_from
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+
+
+def configure_devices():
+    """The distribution strategy for this machine, with mixed precision on GPUs.
+
+    On CPU nothing changes: the default strategy and float32. With one GPU, a one-device strategy;
+    with several, MirroredStrategy. GPUs also get memory growth and the mixed_float16 policy (the
+    models keep their output layer in float32).
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return tf.distribute.get_strategy()
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # Already initialised: keep the existing setting.
+            pass
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.OneDeviceStrategy("/gpu:0")
+
+
+def build_augmentation(config: RecipeConfig) -> keras.Sequential | None:
+    """Keras preprocessing layers for the recipe's augmentation, applied to training batches only."""
+    settings = config.augmentation
+    if not settings.enabled:
+        return None
+    seed = config.seed
+    steps: list[keras.layers.Layer] = []
+    if settings.horizontal_flip:
+        steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if settings.rotation:
+        steps.append(keras.layers.RandomRotation(settings.rotation, fill_mode="nearest", seed=seed))
+    if settings.translation:
+        steps.append(
+            keras.layers.RandomTranslation(
+                settings.translation, settings.translation, fill_mode="nearest", seed=seed
+            )
+        )
+    if settings.shear:
+        steps.append(keras.layers.RandomShear(settings.shear, settings.shear, fill_mode="nearest", seed=seed))
+    if settings.zoom:
+        steps.append(keras.layers.RandomZoom(settings.zoom, fill_mode="nearest", seed=seed))
+    if settings.brightness:
+        steps.append(keras.layers.RandomBrightness(settings.brightness, value_range=(0, 255), seed=seed))
+    return keras.Sequential(steps, name="augmentation")
+
+
+def is_binary(model: keras.Model) -> bool:
+    """True for a single sigmoid unit (probability of the second class)."""
+    return int(model.output_shape[-1]) == 1
+
+
+def _optimizer(name: str, learning_rate):
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate)
+    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+
+
+def compile_model(
+    model: keras.Model,
+    optimizer: str,
+    learning_rate: float,
+    *,
+    schedule: str = "constant",
+    decay_steps: int = 1,
+    steps_per_execution: int = 1,
+) -> None:
+    rate: Any = learning_rate
+    if schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, decay_steps))
+    if is_binary(model):
+        loss: Any = keras.losses.BinaryCrossentropy()
+        metrics: list[Any] = [keras.metrics.BinaryAccuracy(name="accuracy")]
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    model.compile(
+        optimizer=_optimizer(optimizer, rate),
+        loss=loss,
+        metrics=metrics,
+        steps_per_execution=steps_per_execution,
+    )
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Checkpoints, early stopping and resume state in one place, all written atomically.
+
+    After each epoch: ``best.keras`` when the monitored value improved, ``last.keras`` always, then
+    ``state.json`` (written last, so it never points at a checkpoint that is not there yet).
+    Stops training after ``patience`` epochs without improvement (0: never). Its state survives a
+    resume, so a resumed run stops exactly where an uninterrupted one would have.
+    """
+
+    def __init__(self, run_dir: Path, monitor: str, patience: int, state: dict[str, Any]):
+        super().__init__()
+        self.run_dir = run_dir
+        self.monitor = monitor
+        self.patience = patience
+        self.mode = "min" if "loss" in monitor else "max"
+        self.state = state
+        self.phase_wait = 0
+
+    def _improved(self, value: float) -> bool:
+        best = self.state.get("best_value")
+        if best is None:
+            return True
+        return value < best if self.mode == "min" else value > best
+
+    def on_train_begin(self, logs=None):
+        self.phase_wait = int(self.state.get("wait", 0))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        value = logs.get(self.monitor)
+        if value is None:
+            raise RunError(
+                f"The monitored metric {self.monitor!r} is not among this run's metrics "
+                f"({', '.join(sorted(logs))}): set monitor in the recipe."
+            )
+        value = float(value)
+        if math.isfinite(value) and self._improved(value):
+            atomic_save(self.run_dir / "best.keras", self.model.save)
+            self.state.update(best_value=value, best_epoch=epoch + 1)
+            self.phase_wait = 0
+        else:
+            self.phase_wait += 1
+        atomic_save(self.run_dir / "last.keras", self.model.save)
+        seconds = float(self.state.get("train_seconds", 0.0)) + time.perf_counter() - self.epoch_started
+        self.state.update(
+            epoch=epoch + 1, wait=self.phase_wait, train_seconds=round(seconds, 1), updated=_now()
+        )
+        if self.patience and self.phase_wait >= self.patience:
+            self.model.stop_training = True
+            self.state["stopped_early_at"] = epoch + 1
+        write_state(self.run_dir, self.state)
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """One line per epoch with its time and the estimated time left for the whole run."""
+
+    def __init__(self, total_epochs: int, stream=None):
+        super().__init__()
+        self.total_epochs = total_epochs
+        self.stream = stream or sys.stderr
+        self.durations: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.durations.append(time.perf_counter() - self.started)
+        mean = sum(self.durations) / len(self.durations)
+        left = (self.total_epochs - epoch - 1) * mean
+        metrics = "  ".join(f"{key}={value:.4f}" for key, value in sorted((logs or {}).items())
+                            if isinstance(value, float | int))
+        print(
+            f"[cnnkit] epoch {epoch + 1}/{self.total_epochs}  {self.durations[-1]:.1f}s  "
+            f"ETA {_duration(left)}  {metrics}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise RunError(f"{path} is corrupt ({error}).") from error
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    atomic_write_json(run_dir / STATE_FILE, state)
+
+
+def default_run_dir(recipe_name: str, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{recipe_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _trim_history(path: Path, completed_epochs: int) -> None:
+    """Drop history rows of epochs that were logged but never checkpointed (a killed run)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return
+    kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) < completed_epochs]
+    if len(kept) != len(rows):
+        from training.io import atomic_write_text
+
+        lines = [",".join(row) for row in kept]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def load_run_model(path: Path) -> keras.Model:
+    # Importing training.models registers the custom layers (VGGPreprocess) for deserialisation.
+    import training.models  # noqa: F401
+
+    try:
+        return keras.models.load_model(path)
+    except Exception as error:  # noqa: BLE001 - Keras raises assorted errors on bad files.
+        raise RunError(f"Cannot load the model {path}: {error}") from error
+
+
+def _datasets(config: RecipeConfig, data_dir):
+    return data_module.load_dataset(
+        config.dataset,
+        data_dir,
+        validation_size=config.validation_size,
+        image_size=config.image_size,
+        channels=config.channels,
+        dataset_path=config.dataset_path,
+        train_limit=config.train_limit,
+        test_limit=config.test_limit,
+        seed=config.seed,
+    )
+
+
+def train(
+    config: RecipeConfig | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    resume: bool = False,
+    epochs: int | None = None,
+    evaluate: bool = True,
+    verbose: int | None = None,
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+) -> Path:
+    """Train ``config`` into ``run_dir`` (or resume the run there) and return the run directory.
+
+    With ``resume``, the configuration is read back from the run directory (``epochs`` may raise
+    its epoch count), the model and optimizer come from ``last.keras`` and training continues at
+    the first epoch that was not completed.
+    """
+    if resume:
+        if run_dir is None or not (Path(run_dir) / CONFIG_FILE).is_file():
+            raise RunError(f"Cannot resume: {run_dir} is not a run directory (no {CONFIG_FILE}).")
+        run_path = Path(run_dir)
+        config = load_config_file(run_path / CONFIG_FILE)
+        state = read_state(run_path)
+    else:
+        if config is None:
+            raise RunError("train() needs a configuration unless it resumes a run.")
+        run_path = Path(run_dir) if run_dir is not None else default_run_dir(config.name)
+        if (run_path / STATE_FILE).exists():
+            raise RunError(
+                f"{run_path} already holds a run: pass --resume to continue it or choose another --output."
+            )
+        state = {}
+    if epochs is not None:
+        config.epochs = epochs
+        config.validate()
+    run_path.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_path / CONFIG_FILE)
+
+    strategy = configure_devices()
+    keras.utils.set_random_seed(config.seed)
+    dataset = _datasets(config, data_dir)
+    summary = dataset.summary()
+    atomic_write_json(run_path / "data.json", summary)
+    if dataset.unreadable:
+        print(
+            f"[cnnkit] warning: {len(dataset.unreadable)} unreadable image(s) were left out "
+            f"(listed in {run_path / 'data.json'})",
+            file=sys.stderr,
+        )
+    print(
+        f"[cnnkit] {config.name}: {summary['train']} train / {summary['validation']} validation / "
+        f"{summary['test']} test images of {dataset.input_shape}, {dataset.num_classes} classes",
+        file=sys.stderr,
+    )
+
+    start_epoch = int(state.get("epoch", 0))
+    if start_epoch >= config.total_epochs and state.get("finished"):
+        print(f"[cnnkit] {run_path} already finished {start_epoch} epochs.", file=sys.stderr)
+    steps_per_epoch = math.ceil(len(dataset.x_train) / config.batch_size)
+    augmentation = build_augmentation(config)
+    train_data = data_module.make_pipeline(
+        dataset.x_train, dataset.y_train, config.batch_size,
+        shuffle=True, augmentation=augmentation, seed=config.seed,
+    )
+    val_data = data_module.make_pipeline(dataset.x_val, dataset.y_val, config.batch_size)
+    if len(dataset.x_val) == 0:
+        raise RunError("The validation split is empty: set validation_size above 0.")
+
+    with strategy.scope():
+        if resume and (run_path / "last.keras").exists():
+            model = load_run_model(run_path / "last.keras")
+            print(f"[cnnkit] resuming {run_path} after epoch {start_epoch}", file=sys.stderr)
+        else:
+            if resume:
+                start_epoch, state = 0, {}
+            model = create_model(
+                config.model,
+                input_shape=dataset.input_shape,
+                **{"num_classes": dataset.num_classes, **config.model_args},
+            )
+            compile_model(
+                model, config.optimizer, config.learning_rate,
+                schedule=config.lr_schedule, decay_steps=steps_per_epoch * config.epochs,
+                steps_per_execution=config.steps_per_execution,
+            )
+    _trim_history(run_path / "history.csv", start_epoch)
+    state.setdefault("started", _now())
+    state.pop("finished", None)
+    checkpoint = RunCheckpoint(run_path, config.monitor, config.early_stopping_patience, state)
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    callbacks = [
+        checkpoint,
+        keras.callbacks.CSVLogger(str(run_path / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_path / "tensorboard"), profile_batch=0),
+        EpochProgress(config.total_epochs),
+        *(extra_callbacks or []),
+    ]
+
+    phases = [(0, config.epochs)]
+    if config.fine_tune is not None:
+        phases.append((config.epochs, config.total_epochs))
+    for phase_index, (phase_start, phase_end) in enumerate(phases):
+        if start_epoch >= phase_end:
+            continue
+        if phase_index == 1 and start_epoch == phase_start:
+            # Phase two of transfer learning: unfreeze the top block, recompile at a low rate.
+            _restore_best(model, run_path)
+            with strategy.scope():
+                tune = config.fine_tune
+                trainable = set_trainable_from(model, tune.from_layer)
+                compile_model(
+                    model, tune.optimizer, tune.learning_rate,
+                    steps_per_execution=config.steps_per_execution,
+                )
+            checkpoint.state["wait"] = 0
+            print(f"[cnnkit] fine-tuning {', '.join(trainable)}", file=sys.stderr)
+        model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=phase_end,
+            initial_epoch=start_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # The pipeline shuffles itself, every epoch.
+        )
+        start_epoch = int(checkpoint.state.get("epoch", start_epoch))
+        if checkpoint.state.get("stopped_early_at") and phase_index == 0 and len(phases) > 1:
+            # Early stopping ends the feature-extraction phase, not the whole run.
+            checkpoint.state.pop("stopped_early_at")
+            start_epoch = phase_end
+            checkpoint.state["epoch"] = phase_end
+        model.stop_training = False
+
+    _restore_best(model, run_path)
+    atomic_save(run_path / "model.keras", model.save)
+    checkpoint.state["finished"] = _now()
+    write_state(run_path, checkpoint.state)
+    print(f"[cnnkit] model written to {run_path / 'model.keras'}", file=sys.stderr)
+    if evaluate:
+        from training.evaluate import evaluate_run
+
+        evaluate_run(run_path, data_dir=data_dir, dataset=dataset, model=model)
+    return run_path
+
+
+def _restore_best(model: keras.Model, run_path: Path) -> None:
+    best = run_path / "best.keras"
+    if best.exists():
+        model.load_weights(best)

@@ -1,0 +1,112 @@
+"""Pictures of images and activations, with numpy, Pillow and matplotlib only (no TensorFlow).
+
+The feature-map grid is drawn the course's way: each channel standardised on its own, scaled to
+a grey level around 128, clipped, then coloured with viridis, 16 channels to a row. The serving
+side draws its grids with the same function, so the toolkit and the service show the same picture.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CHANNELS_PER_ROW = 16
+
+
+def _viridis_lut() -> np.ndarray:
+    from matplotlib import colormaps
+
+    return (colormaps["viridis"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def standardize_channel(channel: np.ndarray) -> np.ndarray:
+    """One activation channel as uint8 grey levels: (x - mean) / std * 64 + 128, clipped.
+
+    A constant channel (std 0) becomes uniform grey 128 rather than dividing by zero.
+    """
+    values = np.asarray(channel, dtype=np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    std = values.std()
+    centred = values - values.mean()
+    if std > 1e-12:
+        centred = centred / std
+    return np.clip(centred * 64 + 128, 0, 255).astype(np.uint8)
+
+
+def feature_map_grid(
+    activations: np.ndarray,
+    *,
+    channels_per_row: int = CHANNELS_PER_ROW,
+    scale: int = 0,
+    gap: int = 1,
+) -> Image.Image:
+    """Tile the channels of one layer's activations ``(H, W, C)`` into a viridis grid image.
+
+    ``scale`` enlarges each cell (nearest neighbour); 0 picks a scale that makes cells at least
+    48 px wide, so that small maps stay visible. Cells are separated by ``gap`` dark pixels.
+    """
+    array = np.asarray(activations)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"activations must have shape (height, width, channels), got {array.shape}.")
+    if channels_per_row < 1:
+        raise ValueError("channels_per_row must be at least 1.")
+    height, width, channels = array.shape
+    if scale <= 0:
+        scale = max(1, int(np.ceil(48 / max(height, width))))
+    columns = min(channels_per_row, channels)
+    rows = int(np.ceil(channels / columns))
+    cell_h, cell_w = height * scale, width * scale
+    canvas = np.zeros(
+        (rows * cell_h + (rows - 1) * gap, columns * cell_w + (columns - 1) * gap), dtype=np.uint8
+    )
+    filled = np.zeros_like(canvas, dtype=bool)
+    for index in range(channels):
+        row, column = divmod(index, columns)
+        cell = standardize_channel(array[:, :, index])
+        cell = np.kron(cell, np.ones((scale, scale), dtype=np.uint8)) if scale > 1 else cell
+        top, left = row * (cell_h + gap), column * (cell_w + gap)
+        canvas[top : top + cell_h, left : left + cell_w] = cell
+        filled[top : top + cell_h, left : left + cell_w] = True
+    rgb = _viridis_lut()[canvas]
+    rgb[~filled] = (20, 20, 20)
+    return Image.fromarray(rgb, mode="RGB")
+
+
+def to_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def labelled_image_grid(
+    images: np.ndarray,
+    captions: list[str],
+    *,
+    columns: int = 8,
+    cell: int = 96,
+) -> Image.Image:
+    """A grid of uint8 images (N, H, W, C) with a caption under each, e.g. misclassified examples."""
+    if len(images) != len(captions):
+        raise ValueError("images and captions must have the same length.")
+    count = max(1, len(images))
+    columns = min(columns, count)
+    rows = int(np.ceil(count / columns))
+    caption_height = 26
+    canvas = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        array = np.asarray(image)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        tile = Image.fromarray(array.astype(np.uint8)).convert("RGB")
+        tile = tile.resize((cell, cell), Image.Resampling.NEAREST)
+        row, column = divmod(index, columns)
+        top = row * (cell + caption_height)
+        canvas.paste(tile, (column * cell, top))
+        for line, text in enumerate(caption.split("\n")[:2]):
+            draw.text((column * cell + 3, top + cell + 1 + line * 12), text[:18], fill=(0, 0, 0))
+    return canvas
