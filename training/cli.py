@@ -49,11 +49,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import apply_overrides, load_recipe
-    from training.train import train
 
+    # Arguments are checked before TensorFlow is imported, so mistakes are reported at once.
     if args.resume:
         if not args.output:
             raise CnnkitError("--resume needs --output RUN_DIR (the run to continue).")
+        if not os.path.isfile(os.path.join(args.output, "config.yaml")):
+            raise CnnkitError(f"Cannot resume: {args.output} is not a run directory (no config.yaml).")
+        from training.train import train
+
         train(run_dir=args.output, data_dir=args.data_dir, resume=True, epochs=args.epochs,
               evaluate=not args.no_evaluate)
         return 0
@@ -71,11 +75,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"model_args.weights={args.weights}")
     if overrides:
         config = apply_overrides(config, overrides)
+    from training.train import train
+
     train(config, run_dir=args.output, data_dir=args.data_dir, evaluate=not args.no_evaluate)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if not os.path.isfile(os.path.join(args.run_dir, "config.yaml")):
+        raise CnnkitError(f"{args.run_dir} is not a run directory (no config.yaml).")
     from training.evaluate import evaluate_run
 
     evaluate_run(args.run_dir, data_dir=args.data_dir)

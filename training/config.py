@@ -8,6 +8,7 @@ the resolved configuration is saved as ``config.yaml`` in the run directory, and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -119,19 +120,60 @@ def _build(cls, values: dict[str, Any], where: str):
     names = {item.name for item in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"Unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        raise ConfigError(
+            f"Unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(names))}."
+        )
     values = dict(values)
     if cls is RecipeConfig:
         if values.get("augmentation") is not None:
-            values["augmentation"] = _build(AugmentationConfig, values["augmentation"], f"{where}.augmentation")
+            values["augmentation"] = _build(
+                AugmentationConfig, values["augmentation"], f"{where}.augmentation"
+            )
         else:
             values.pop("augmentation", None)
         if values.get("fine_tune") is not None:
             values["fine_tune"] = _build(FineTuneConfig, values["fine_tune"], f"{where}.fine_tune")
+    for item in dataclasses.fields(cls):
+        if item.name in values:
+            value = values[item.name]
+            if "float" in str(item.type) and isinstance(value, str):
+                # YAML 1.1 reads "1e-4" (no dot) as a string; people mean the number.
+                with contextlib.suppress(ValueError):
+                    values[item.name] = value = float(value)
+            _check_type(item.name, str(item.type), value, where)
     try:
         return cls(**values)
     except TypeError as error:
         raise ConfigError(f"{where}: {error}") from error
+
+
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+}
+
+
+def _check_type(name: str, annotation: str, value: Any, where: str) -> None:
+    """Refuse values of the wrong kind (``epochs: ten``) with a message naming the field."""
+    kinds = [kind.strip() for kind in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return
+        raise ConfigError(f"{where}: {name} must not be empty.")
+    for kind in kinds:
+        if kind.startswith("list"):
+            if isinstance(value, list):
+                return
+        elif kind.startswith("dict"):
+            if isinstance(value, dict):
+                return
+        elif kind in _SCALAR_TYPES:
+            allowed = _SCALAR_TYPES[kind]
+            # bool is an int in Python; a flag where a number belongs is still a mistake.
+            if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+                return
+        else:
+            return  # Nested dataclasses are built and checked by _build itself.
+    raise ConfigError(f"{where}: {name} must be {annotation}, got {value!r}.")
 
 
 def config_from_dict(values: dict[str, Any], where: str = "recipe") -> RecipeConfig:

@@ -129,12 +129,18 @@ def _check_images(array: np.ndarray, labels: np.ndarray, source: Path | str, ran
 
 def read_mnist_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Read ``mnist.npz`` (keys x_train, y_train, x_test, y_test) with plain numpy."""
+    keys = ("x_train", "y_train", "x_test", "y_test")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in ("x_train", "y_train", "x_test", "y_test")}
-    except KeyError as error:
-        raise DataError(f"{path} is malformed: missing array {error}. {PREPARE_HINT}") from error
+            missing = [key for key in keys if key not in archive.files]
+            if missing:
+                raise DataError(
+                    f"{path} is malformed: missing array(s) {', '.join(missing)}. {PREPARE_HINT}"
+                )
+            arrays = {key: archive[key] for key in keys}
     except (OSError, ValueError, zipfile.BadZipFile) as error:
+        if isinstance(error, DataError):
+            raise
         raise DataError(f"{path} is malformed or unreadable ({error}). {PREPARE_HINT}") from error
     for split in ("train", "test"):
         _check_images(arrays[f"x_{split}"], arrays[f"y_{split}"], path, rank=3)

@@ -17,6 +17,7 @@ Every file is written atomically, so killing a run at any moment leaves a resuma
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -54,10 +55,9 @@ def configure_devices():
     if not gpus:
         return tf.distribute.get_strategy()
     for gpu in gpus:
-        try:
+        # An already initialised GPU keeps its existing setting.
+        with contextlib.suppress(RuntimeError):
             tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # Already initialised: keep the existing setting.
-            pass
     keras.mixed_precision.set_global_policy("mixed_float16")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
@@ -126,7 +126,19 @@ def compile_model(
         loss=loss,
         metrics=metrics,
         steps_per_execution=steps_per_execution,
+        jit_compile=_use_xla(),
     )
+
+
+def _use_xla() -> bool | str:
+    """XLA on GPUs only: on these CPUs it trains about half as fast as the oneDNN kernels.
+
+    Measured with cifar10_cnn (batch normalization, batch 64) on 2 CPU cores: 78 images/s with
+    XLA against 147 without.
+    """
+    import tensorflow as tf
+
+    return "auto" if tf.config.list_physical_devices("GPU") else False
 
 
 class RunCheckpoint(keras.callbacks.Callback):
@@ -317,12 +329,12 @@ def train(
     if epochs is not None:
         config.epochs = epochs
         config.validate()
-    run_path.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_path / CONFIG_FILE)
-
     strategy = configure_devices()
     keras.utils.set_random_seed(config.seed)
+    # Load the data first, so that a missing data set leaves no half-made run directory behind.
     dataset = _datasets(config, data_dir)
+    run_path.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_path / CONFIG_FILE)
     summary = dataset.summary()
     atomic_write_json(run_path / "data.json", summary)
     if dataset.unreadable:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job: set up, prepare the data root, train and evaluate the default digits model.
+# Usage: scripts/main.sh [RUN_DIR]   (default runs/main-mnist_convnet)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+CNNKIT_DATA_DIR="$(scripts/data.sh)"
+export CNNKIT_DATA_DIR
+run_dir="${1:-runs/main-mnist_convnet}"
+if [ -f "$run_dir/config.yaml" ]; then
+    .venv/bin/cnnkit train --resume --output "$run_dir"
+else
+    .venv/bin/cnnkit train mnist_convnet --output "$run_dir"
+fi
+.venv/bin/cnnkit evaluate "$run_dir"
+echo "Report: $run_dir/evaluation/report.md"
