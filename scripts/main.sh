@@ -12,5 +12,5 @@ if [ -f "$run_dir/config.yaml" ]; then
 else
     .venv/bin/cnnkit train mnist_convnet --output "$run_dir"
 fi
-.venv/bin/cnnkit evaluate "$run_dir"
+# Training ends with the evaluation (metrics.json, report.md and its pictures).
 echo "Report: $run_dir/evaluation/report.md"

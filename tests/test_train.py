@@ -238,3 +238,13 @@ def test_missing_data_leaves_no_run_directory(tmp_path):
     result = cli("train", "mnist_lenet5", "--data-dir", str(tmp_path), "--output", str(tmp_path / "run"))
     assert result.returncode == 2 and "mnist.npz is missing" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_results_table_lists_finished_runs(finished_run, tmp_path):
+    result = cli("results", str(finished_run.parent))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((finished_run / "evaluation" / "metrics.json").read_text())
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| tiny_lenet5"))
+    assert f"{metrics['test_accuracy'] * 100:.2f}%" in row and "| 2/2 |" in row and "99.30%" in row
+    empty = cli("results", str(tmp_path))
+    assert empty.returncode == 2 and "holds no run directories" in empty.stderr

@@ -6,6 +6,7 @@
     cnnkit train --resume --output RUN_DIR      continue an interrupted run
     cnnkit evaluate RUN_DIR                     test metrics and report pictures
     cnnkit feature-maps RUN_DIR IMAGE           feature-map grid PNGs of one image
+    cnnkit results [RUNS_ROOT]                  a Markdown table of finished and running runs
 
 Errors a user can fix print one clear message and exit with status 2.
 """
@@ -99,6 +100,13 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from training.results import results_table
+
+    print(results_table(args.runs_root))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnkit", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -133,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--layer", action="append", help="layer name (repeatable; default: every conv layer)")
     maps.add_argument("--out", default=None, help="output folder (default RUN_DIR/feature_maps)")
     maps.set_defaults(func=cmd_feature_maps)
+    results = commands.add_parser("results", help="a Markdown table of the runs in a folder")
+    results.add_argument("runs_root", nargs="?", default="runs")
+    results.set_defaults(func=cmd_results)
     return parser
 
 

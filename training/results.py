@@ -1,0 +1,66 @@
+"""A Markdown table of the runs under a folder: what the README's results table is made from.
+
+Reads only the files each run directory already holds (``config.yaml``, ``state.json``,
+``evaluation/metrics.json``), so it needs no TensorFlow and works while runs are still training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.config import load_config_file
+from training.errors import RunError
+
+
+def _duration(seconds: float | None) -> str:
+    if not seconds:
+        return "–"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.2f}%"
+
+
+def run_row(run_dir: Path) -> dict[str, str]:
+    """One table row; runs without an evaluation show their progress instead of a test figure."""
+    config = load_config_file(run_dir / "config.yaml")
+    state_path = run_dir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    metrics_path = run_dir / "evaluation" / "metrics.json"
+    epochs = f"{state.get('epoch', 0)}/{config.total_epochs}"
+    if state.get("stopped_early_at"):
+        epochs += f" (early stop, best {state.get('best_epoch')})"
+    if metrics_path.exists() and state.get("finished"):
+        metrics = json.loads(metrics_path.read_text())
+        accuracy = _percent(metrics["test_accuracy"])
+    else:
+        best = state.get("best_value")
+        accuracy = "training" + (f" (best {config.monitor} {best:.4f})" if best is not None else "")
+    return {
+        "recipe": config.name,
+        "model": config.model,
+        "epochs": epochs,
+        "time": _duration(state.get("train_seconds")),
+        "accuracy": accuracy,
+        "course": _percent(config.course_accuracy),
+    }
+
+
+def results_table(runs_root: str | Path) -> str:
+    root = Path(runs_root)
+    if not root.is_dir():
+        raise RunError(f"{root} is not a folder of run directories.")
+    rows = [run_row(path.parent) for path in sorted(root.glob("*/config.yaml"))]
+    if not rows:
+        raise RunError(f"{root} holds no run directories (folders with a config.yaml).")
+    lines = [
+        "| recipe | model | epochs | training time | test accuracy | course |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(f"| {row['recipe']} | {row['model']} | {row['epochs']} | {row['time']} | "
+                     f"{row['accuracy']} | {row['course']} |")
+    return "\n".join(lines)
