@@ -6,6 +6,7 @@
     cnnkit train --resume --output RUN_DIR      continue an interrupted run
     cnnkit evaluate RUN_DIR                     test metrics and report pictures
     cnnkit feature-maps RUN_DIR IMAGE           feature-map grid PNGs of one image
+    cnnkit export RUN_DIR [--name NAME]         SavedModel + ONNX into the model repository
     cnnkit results [RUNS_ROOT]                  a Markdown table of finished and running runs
 
 Errors a user can fix print one clear message and exit with status 2.
@@ -100,6 +101,22 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    if not os.path.isfile(os.path.join(args.run_dir, "config.yaml")):
+        raise CnnkitError(f"{args.run_dir} is not a run directory (no config.yaml).")
+    from training.export import export_run
+
+    exported = export_run(args.run_dir, name=args.name, repository=args.repository,
+                          data_dir=args.data_dir)
+    if args.bentoml:
+        from training.bento import import_to_bentoml
+
+        tag = import_to_bentoml(exported)
+        print(f"[cnnkit] imported into the BentoML model store as {tag}", file=sys.stderr)
+    print(exported.path)
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from training.results import results_table
 
@@ -141,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--layer", action="append", help="layer name (repeatable; default: every conv layer)")
     maps.add_argument("--out", default=None, help="output folder (default RUN_DIR/feature_maps)")
     maps.set_defaults(func=cmd_feature_maps)
+    export = commands.add_parser("export", help="export a run as SavedModel + ONNX, verified")
+    export.add_argument("run_dir")
+    export.add_argument("--name", help="model name in the repository (default: the recipe name)")
+    export.add_argument("--repository", help="model repository (default: $CNNKIT_MODEL_REPOSITORY, "
+                        "else ./model_repository)")
+    export.add_argument("--bentoml", action="store_true",
+                        help="also import the new version into the BentoML model store")
+    _add_data_dir(export)
+    export.set_defaults(func=cmd_export)
+
     results = commands.add_parser("results", help="a Markdown table of the runs in a folder")
     results.add_argument("runs_root", nargs="?", default="runs")
     results.set_defaults(func=cmd_results)
