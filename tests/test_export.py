@@ -252,6 +252,28 @@ def test_export_command_imports_into_the_bentoml_store(digits_run, tmp_path, dat
     labels = json.loads(info.stdout)["labels"]
     assert labels["dataset"] == "mnist" and labels["recipe"] == "tiny_digits"
 
+    # The project's bentofile builds offline (lock_packages: false) with the stored model inside;
+    # a minimal service stands in for serving/ here, with the project's build options unchanged.
+    build = tmp_path / "build"
+    build.mkdir()
+    bentofile = (REPOSITORY / "bentofile.yaml").read_text()
+    assert "lock_packages: false" in bentofile
+    bentofile = bentofile.replace('"serving.service:Classifier"', '"minimal_service:Minimal"')
+    (build / "bentofile.yaml").write_text(bentofile)
+    (build / "minimal_service.py").write_text(
+        "import bentoml\n\n\n@bentoml.service\nclass Minimal:\n"
+        "    model = bentoml.models.BentoModel('digits:1')\n\n"
+        "    @bentoml.api\n    def ping(self) -> str:\n        return 'pong'\n"
+    )
+    built = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build"], cwd=build,
+                           env=environment, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    bento = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "get", "cnnkit:latest",
+                            "-o", "json"], env=environment, capture_output=True, text=True, timeout=300)
+    described = json.loads(bento.stdout)
+    assert described["service"] == "minimal_service:Minimal"
+    assert [model["tag"] for model in described["services"][0]["models"]] == ["digits:1"]
+
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
