@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up, prepare the data root, train and evaluate the default digits model.
-# Usage: scripts/main.sh [RUN_DIR]   (default runs/main-mnist_convnet)
+# The main job: set up, prepare the data root, train and evaluate the default digits model, then
+# export it (SavedModel + ONNX, verified) into the model repository.
+# Usage: scripts/main.sh [RUN_DIR]   (default runs/main-mnist_convnet; repository
+# $CNNKIT_MODEL_REPOSITORY, else model_repository/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -14,3 +16,5 @@ else
 fi
 # Training ends with the evaluation (metrics.json, report.md and its pictures).
 echo "Report: $run_dir/evaluation/report.md"
+version_dir="$(.venv/bin/cnnkit export "$run_dir" --name digits)"
+echo "Exported: $version_dir"
