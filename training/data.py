@@ -199,15 +199,12 @@ def read_cifar10(folder: Path):
 
 
 def _load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from training.images import to_model_pixels
 
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
+        return to_model_pixels(image, size, channels)
 
 
 def list_class_folders(folder: Path) -> list[str]:
