@@ -47,3 +47,29 @@ def no_data_env(monkeypatch, tmp_path):
     monkeypatch.delenv("CNNKIT_DATA_DIR", raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_run(tmp_path_factory, data_root):
+    """A LeNet-5 trained for one epoch on 1,000 MNIST digits: a real run directory in seconds."""
+    from training.config import config_from_dict
+    from training.train import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "digits"
+    recipe = config_from_dict({
+        "name": "tiny_digits", "dataset": "mnist", "model": "lenet5", "channels": 1,
+        "validation_size": 200, "train_limit": 1000, "test_limit": 300, "epochs": 1,
+        "batch_size": 64, "learning_rate": 0.003,
+    })
+    return train(recipe, run_dir=run_dir, data_dir=data_root, verbose=0)
+
+
+@pytest.fixture(scope="session")
+def digits_repository(tiny_digits_run, tmp_path_factory, data_root):
+    """A model repository holding the tiny digits model as ``digits`` version 1."""
+    from training.export import export_run
+
+    repository = tmp_path_factory.mktemp("serving") / "model_repository"
+    export_run(tiny_digits_run, name="digits", repository=repository, data_dir=data_root,
+               check_accuracy=False)
+    return repository

@@ -28,14 +28,8 @@ def _environment(**extra):
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory, data_root):
-    run_dir = tmp_path_factory.mktemp("runs") / "digits"
-    recipe = config_from_dict({
-        "name": "tiny_digits", "dataset": "mnist", "model": "lenet5", "channels": 1,
-        "validation_size": 200, "train_limit": 1000, "test_limit": 300, "epochs": 1,
-        "batch_size": 64, "learning_rate": 0.003,
-    })
-    return train(recipe, run_dir=run_dir, data_dir=data_root, verbose=0)
+def digits_run(tiny_digits_run):
+    return tiny_digits_run
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,325 @@
+"""TensorFlow Serving's gRPC API over the model store, so stock TF-Serving clients work unchanged.
+
+Implements ``tensorflow.serving.PredictionService`` (Predict with ``output_filter`` and the
+``serving_default`` / ``feature_maps`` signatures, Classify for image classifiers,
+GetModelMetadata), ``tensorflow.serving.ModelService.GetModelStatus`` and ``grpc.health.v1``.
+Unknown models, versions and signatures answer with TF Serving's status codes and messages.
+
+Importing ``tensorflow_serving.apis`` imports TensorFlow (for its protos); only the server does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+
+from serving import metrics
+from serving.errors import InvalidInputError, NotFoundError, ServingError
+from serving.inputs import DEFAULT_LIMITS, InputLimits, check_batch, decode_image
+from serving.model_store import PREDICT_OUTPUTS, LoadedModel, ModelStore
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # feature maps of a batch exceed gRPC's 4 MB default
+HEALTH_SERVICE_NAMES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+IMAGE_FEATURE_KEYS = ("image/encoded", "image", "image_bytes")
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def _apis():
+    from tensorflow_serving.apis import (
+        classification_pb2,
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
+
+    return (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
+            model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
+
+
+def _abort(context, error: ServingError) -> None:
+    context.abort(getattr(grpc.StatusCode, error.grpc_code), error.message)
+
+
+def _version_of(model_spec) -> int | None:
+    if model_spec.HasField("version"):
+        return int(model_spec.version.value)
+    if model_spec.version_label:
+        raise NotFoundError(f"Version labels are not supported; got label {model_spec.version_label!r}.")
+    return None
+
+
+def images_from_tensor(proto, model: LoadedModel, limits: InputLimits) -> np.ndarray:
+    """A TensorProto of pixels (any real dtype) or of encoded image bytes, as a float32 batch."""
+    tf = _tf()
+    if proto.dtype == tf.string.as_datatype_enum:
+        encoded = list(proto.string_val)
+        if not encoded:
+            raise InvalidInputError("The string tensor holds no encoded images.")
+        if len(encoded) > limits.max_batch:
+            raise InvalidInputError(f"{len(encoded)} images in one request; the limit is {limits.max_batch}.")
+        return np.stack([decode_image(data, model.input_shape, limits) for data in encoded]).astype(np.float32)
+    try:
+        array = tf.make_ndarray(proto)
+    except Exception as error:  # noqa: BLE001 - malformed TensorProto content.
+        raise InvalidInputError(f"The input tensor is malformed: {error}") from error
+    return check_batch(array, model.input_shape, limits)
+
+
+def _signature_def(model: LoadedModel, signature: str):
+    tf = _tf()
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    definition = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+    image = definition.inputs["image"]
+    image.name = "image:0"
+    image.dtype = tf.float32.as_datatype_enum
+    image.tensor_shape.CopyFrom(tf.TensorShape([None, *model.input_shape]).as_proto())
+    if signature == "serving_default":
+        shapes: dict[str, Any] = {"probabilities": ([None, len(model.class_names)], tf.float32),
+                                  "top_class": ([None], tf.int64)}
+    else:
+        shapes = {layer["name"]: ([None, *layer["output_shape"]], tf.float32)
+                  for layer in model.feature_layers}
+    for name, (shape, dtype) in shapes.items():
+        output = definition.outputs[name]
+        output.name = f"{name}:0"
+        output.dtype = dtype.as_datatype_enum
+        output.tensor_shape.CopyFrom(tf.TensorShape(shape).as_proto())
+    return definition
+
+
+class PredictionService:
+    """The servicer; built lazily so importing this module does not import TensorFlow."""
+
+    def __init__(self, store: ModelStore, limits: InputLimits = DEFAULT_LIMITS):
+        self.store = store
+        self.limits = limits
+
+    def _model(self, model_spec) -> LoadedModel:
+        return self.store.get(model_spec.name, _version_of(model_spec))
+
+    def Predict(self, request, context):  # noqa: N802 - gRPC method name
+        (_, _, _, _, predict_pb2, _) = _apis()
+        tf = _tf()
+        name = request.model_spec.name or "-"
+        try:
+            with metrics.observe(name, "grpc", "Predict"):
+                model = self._model(request.model_spec)
+                signature = request.model_spec.signature_name or "serving_default"
+                available = model.signature_outputs(signature)
+                if list(request.inputs) != ["image"]:
+                    raise InvalidInputError(
+                        f"input tensor alias not found in signature: "
+                        f"{', '.join(sorted(request.inputs)) or '(none)'}. Inputs expected to be in the set {{image}}."
+                    )
+                wanted = list(request.output_filter) or available
+                unknown = [output for output in wanted if output not in available]
+                if unknown:
+                    raise InvalidInputError(
+                        f"output tensor alias not found in signature: {', '.join(unknown)} Outputs "
+                        f"expected to be in the set {{{','.join(available)}}}."
+                    )
+                images = images_from_tensor(request.inputs["image"], model, self.limits)
+                results = model.run(images, wanted)
+                metrics.record_batch(model.name, len(images))
+                response = predict_pb2.PredictResponse()
+                response.model_spec.name = model.name
+                response.model_spec.version.value = model.version
+                response.model_spec.signature_name = signature
+                for output, value in results.items():
+                    response.outputs[output].CopyFrom(tf.make_tensor_proto(value))
+                return response
+        except ServingError as error:
+            _abort(context, error)
+
+    def Classify(self, request, context):  # noqa: N802
+        (classification_pb2, _, _, _, _, _) = _apis()
+        name = request.model_spec.name or "-"
+        try:
+            with metrics.observe(name, "grpc", "Classify"):
+                model = self._model(request.model_spec)
+                examples = list(request.input.example_list.examples)
+                if request.input.HasField("example_list_with_context"):
+                    examples = list(request.input.example_list_with_context.examples)
+                if not examples:
+                    raise InvalidInputError("Classify needs at least one tf.Example with an encoded image.")
+                if len(examples) > self.limits.max_batch:
+                    raise InvalidInputError(
+                        f"{len(examples)} images in one request; the limit is {self.limits.max_batch}."
+                    )
+                images = np.stack([self._example_image(example, model) for example in examples])
+                probabilities = model.predict(images)
+                metrics.record_batch(model.name, len(images))
+                response = classification_pb2.ClassificationResponse()
+                response.model_spec.name = model.name
+                response.model_spec.version.value = model.version
+                response.model_spec.signature_name = "serving_default"
+                for row in probabilities:
+                    classifications = response.result.classifications.add()
+                    for index in np.argsort(-row, kind="stable"):
+                        entry = classifications.classes.add()
+                        entry.label = model.class_names[index]
+                        entry.score = float(row[index])
+                return response
+        except ServingError as error:
+            _abort(context, error)
+
+    def Regress(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Regress: cnnkit serves image classifiers only.")
+
+    def MultiInference(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not supported; use Predict or Classify.")
+
+    def _example_image(self, example, model: LoadedModel) -> np.ndarray:
+        features = example.features.feature
+        for key in IMAGE_FEATURE_KEYS:
+            if key in features and features[key].bytes_list.value:
+                return decode_image(features[key].bytes_list.value[0], model.input_shape,
+                                    self.limits).astype(np.float32)
+        if "pixels" in features and features["pixels"].float_list.value:
+            values = np.asarray(features["pixels"].float_list.value, dtype=np.float32)
+            if values.size != int(np.prod(model.input_shape)):
+                raise InvalidInputError(
+                    f"The 'pixels' feature holds {values.size} values; the model takes "
+                    f"{int(np.prod(model.input_shape))} ({model.input_shape})."
+                )
+            return check_batch(values.reshape(model.input_shape), model.input_shape, self.limits)[0]
+        raise InvalidInputError(
+            f"Each tf.Example needs the encoded image as a bytes feature "
+            f"({', '.join(IMAGE_FEATURE_KEYS)}) or raw pixels as a float feature 'pixels'."
+        )
+
+    def GetModelMetadata(self, request, context):  # noqa: N802
+        (_, get_model_metadata_pb2, _, _, _, _) = _apis()
+        name = request.model_spec.name or "-"
+        try:
+            with metrics.observe(name, "grpc", "GetModelMetadata"):
+                model = self._model(request.model_spec)
+                fields = list(request.metadata_field)
+                unsupported = [field for field in fields if field != "signature_def"]
+                if unsupported:
+                    raise InvalidInputError(
+                        f"Metadata field {', '.join(unsupported)} is not supported; use signature_def."
+                    )
+                signatures = get_model_metadata_pb2.SignatureDefMap()
+                for signature in ("serving_default", "feature_maps"):
+                    signatures.signature_def[signature].CopyFrom(_signature_def(model, signature))
+                response = get_model_metadata_pb2.GetModelMetadataResponse()
+                response.model_spec.name = model.name
+                response.model_spec.version.value = model.version
+                response.metadata["signature_def"].Pack(signatures)
+                return response
+        except ServingError as error:
+            _abort(context, error)
+
+
+class ModelStatusService:
+    def __init__(self, store: ModelStore):
+        self.store = store
+
+    def GetModelStatus(self, request, context):  # noqa: N802
+        (_, _, get_model_status_pb2, _, _, _) = _apis()
+        name = request.model_spec.name or "-"
+        try:
+            with metrics.observe(name, "grpc", "GetModelStatus"):
+                pinned = _version_of(request.model_spec)
+                if pinned is not None:
+                    models = [self.store.get(name, pinned)]
+                else:
+                    self.store.get(name)  # NotFoundError for unknown models
+                    models = [self.store.get(name, version) for version in self.store.versions(name)]
+                response = get_model_status_pb2.GetModelStatusResponse()
+                for model in models:
+                    status = response.model_version_status.add()
+                    status.version = model.version
+                    status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+                    status.status.error_code = 0
+                return response
+        except ServingError as error:
+            _abort(context, error)
+
+
+    def HandleReloadConfigRequest(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "cnnkit picks up new versions from the repository by itself; no reload needed.")
+
+
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Refuses every call but health checks without the API key (``x-api-key`` or Bearer)."""
+
+    def __init__(self, api_key: str):
+        self.api_key = api_key.encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "Missing or wrong API key (metadata x-api-key).")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Callable, handler_call_details) -> Any:
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        presented = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "x-api-key":
+                presented = value.encode() if isinstance(value, str) else value
+            elif key == "authorization" and str(value).lower().startswith("bearer "):
+                presented = str(value)[7:].encode()
+        if hmac.compare_digest(presented, self.api_key):
+            return continuation(handler_call_details)
+        return self._deny
+
+
+def build_server(store: ModelStore, *, host: str = "127.0.0.1", port: int = 8500,
+                 api_key: str | None = None, limits: InputLimits = DEFAULT_LIMITS,
+                 max_workers: int = 16) -> tuple[grpc.Server, int, Any]:
+    """A started-ready (not yet started) gRPC server; returns (server, bound port, health)."""
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    (_, _, _, model_service_pb2_grpc, _, prediction_service_pb2_grpc) = _apis()
+    interceptors: Iterable[grpc.ServerInterceptor] = [ApiKeyInterceptor(api_key)] if api_key else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cnnkit-grpc"),
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(store, limits), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(store), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    from grpc_health.v1 import health_pb2
+
+    for service in HEALTH_SERVICE_NAMES:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"Cannot listen for gRPC on {host}:{port} (port in use?).")
+    return server, bound, health_servicer
+
+
+def mark_serving(health_servicer) -> None:
+    from grpc_health.v1 import health_pb2
+
+    for service in HEALTH_SERVICE_NAMES:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+
+__all__ = ["PREDICT_OUTPUTS", "build_server", "mark_serving"]
