@@ -1,0 +1,121 @@
+"""Adaptive batching: concurrent single-image requests for one model run as one ONNX Runtime call.
+
+Each model version gets a :class:`MicroBatcher`. A request submits its (already validated) images
+and awaits its slice of the result. A worker task takes whatever has queued up, up to
+``max_batch_size`` images, waiting at most ``max_wait_ms`` for more after the first arrives, and
+runs the batch in a thread. Under light load a request waits at most ``max_wait_ms``; under heavy
+load batches fill up at once, so throughput grows instead of requests being refused. Nothing is
+ever answered 503: the queue is bounded only by the service's concurrency limit.
+
+Requests are validated before they are queued, so one caller's bad input never fails another
+caller's batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    images: np.ndarray
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    images: int = 0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.images / self.batches if self.batches else 0.0
+
+
+class MicroBatcher:
+    """Merge concurrent calls of ``infer(images) -> outputs`` (arrays with a leading batch axis)."""
+
+    def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
+                 max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1.")
+        self.infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.on_batch = on_batch
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+
+    def _ensure_worker(self) -> asyncio.Queue[_Pending]:
+        if self._queue is None or self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        return self._queue
+
+    async def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Queue ``images`` (N, ...) and return the outputs for exactly those N images."""
+        if len(images) > self.max_batch_size:
+            # A request bigger than a batch runs on its own rather than being split.
+            return await asyncio.to_thread(self._run_batch, images)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._ensure_worker().put(_Pending(images, future))
+        return await future
+
+    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.infer(images)
+        self.stats.batches += 1
+        self.stats.images += len(images)
+        if self.on_batch is not None:
+            self.on_batch(len(images))
+        return outputs
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        while True:
+            first = await queue.get()
+            pending = [first]
+            count = len(first.images)
+            deadline = asyncio.get_running_loop().time() + self.max_wait
+            while count < self.max_batch_size:
+                timeout = deadline - asyncio.get_running_loop().time()
+                try:
+                    item = queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout)
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+                if count + len(item.images) > self.max_batch_size:
+                    # Does not fit: run what we have, then start the next batch with it.
+                    await self._dispatch(pending)
+                    pending, count = [item], len(item.images)
+                    deadline = asyncio.get_running_loop().time() + self.max_wait
+                    continue
+                pending.append(item)
+                count += len(item.images)
+            await self._dispatch(pending)
+
+    async def _dispatch(self, pending: list[_Pending]) -> None:
+        live = [item for item in pending if not item.future.cancelled()]
+        if not live:
+            return
+        batch = np.concatenate([item.images for item in live]) if len(live) > 1 else live[0].images
+        try:
+            outputs = await asyncio.to_thread(self._run_batch, batch)
+        except Exception as error:  # noqa: BLE001 - every waiting caller gets the error.
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        start = 0
+        for item in live:
+            end = start + len(item.images)
+            if not item.future.done():
+                item.future.set_result({name: value[start:end] for name, value in outputs.items()})
+            start = end

@@ -1,0 +1,89 @@
+"""Adaptive batching: concurrent requests merge into one inference call and get their own rows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batching import MicroBatcher
+
+
+def doubling(calls):
+    def infer(images):
+        calls.append(len(images))
+        time.sleep(0.02)  # like a model: slow enough for requests to queue up meanwhile
+        return {"double": images * 2, "first": images[:, 0]}
+
+    return infer
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows():
+    calls: list[int] = []
+    batcher = MicroBatcher(doubling(calls), max_batch_size=16, max_wait_ms=20)
+
+    async def main():
+        requests = [np.full((1 + index % 3, 2), index, dtype=np.float32) for index in range(40)]
+        results = await asyncio.gather(*(batcher.submit(images) for images in requests))
+        for images, result in zip(requests, results, strict=True):
+            np.testing.assert_array_equal(result["double"], images * 2)
+            np.testing.assert_array_equal(result["first"], images[:, 0])
+
+    asyncio.run(main())
+    assert sum(calls) == sum(1 + index % 3 for index in range(40))
+    assert max(calls) <= 16 and len(calls) < 40  # merged, never over the limit
+    assert batcher.stats.mean_batch_size > 2
+
+
+def test_a_lone_request_waits_at_most_the_window():
+    calls: list[int] = []
+    batcher = MicroBatcher(lambda images: calls.append(len(images)) or {"x": images}, max_wait_ms=30)
+
+    async def main():
+        started = time.perf_counter()
+        await batcher.submit(np.zeros((1, 2)))
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(main())
+    assert calls == [1] and elapsed < 1.0
+
+
+def test_requests_larger_than_a_batch_run_alone():
+    calls: list[int] = []
+    batcher = MicroBatcher(doubling(calls), max_batch_size=4)
+    result = asyncio.run(batcher.submit(np.ones((10, 2))))
+    assert calls == [10] and result["double"].shape == (10, 2)
+
+
+def test_an_inference_error_reaches_every_caller_of_that_batch_and_the_next_batch_works():
+    failing = threading.Event()
+    failing.set()
+
+    def infer(images):
+        time.sleep(0.01)
+        if failing.is_set():
+            raise RuntimeError("session failed")
+        return {"x": images}
+
+    batcher = MicroBatcher(infer, max_wait_ms=20)
+
+    async def main():
+        outcomes = await asyncio.gather(*(batcher.submit(np.zeros((1, 1))) for _ in range(3)),
+                                        return_exceptions=True)
+        assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
+        failing.clear()
+        return await batcher.submit(np.ones((2, 1)))
+
+    assert asyncio.run(main())["x"].shape == (2, 1)
+
+
+def test_batch_size_callback_and_limits():
+    seen: list[int] = []
+    batcher = MicroBatcher(lambda images: {"x": images}, on_batch=seen.append)
+    asyncio.run(batcher.submit(np.zeros((3, 1))))
+    assert seen == [3]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        MicroBatcher(lambda images: {}, max_batch_size=0)
