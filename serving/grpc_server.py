@@ -10,7 +10,6 @@ Importing ``tensorflow_serving.apis`` imports TensorFlow (for its protos); only 
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -20,6 +19,7 @@ import grpc
 import numpy as np
 
 from serving import metrics
+from serving.auth import key_matches, presented_key
 from serving.errors import InvalidInputError, NotFoundError, ServingError
 from serving.inputs import DEFAULT_LIMITS, InputLimits, check_batch, decode_image
 from serving.model_store import PREDICT_OUTPUTS, LoadedModel, ModelStore
@@ -263,7 +263,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
     """Refuses every call but health checks without the API key (``x-api-key`` or Bearer)."""
 
     def __init__(self, api_key: str):
-        self.api_key = api_key.encode()
+        self.api_key = api_key
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "Missing or wrong API key (metadata x-api-key).")
@@ -273,13 +273,9 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable, handler_call_details) -> Any:
         if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
             return continuation(handler_call_details)
-        presented = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "x-api-key":
-                presented = value.encode() if isinstance(value, str) else value
-            elif key == "authorization" and str(value).lower().startswith("bearer "):
-                presented = str(value)[7:].encode()
-        if hmac.compare_digest(presented, self.api_key):
+        metadata = [(key, value.decode("latin-1") if isinstance(value, bytes) else value)
+                    for key, value in handler_call_details.invocation_metadata or ()]
+        if key_matches(presented_key(metadata), self.api_key):
             return continuation(handler_call_details)
         return self._deny
 

@@ -136,7 +136,8 @@ def tensor_from_json(
         raise InvalidInputError(f"The tensor is ragged or holds non-numbers: {error}") from error
     if array.size > expected * limits.max_batch:
         raise PayloadTooLargeError(
-            f"The tensor holds {array.size} values; at most {limits.max_batch} images fit."
+            f"The tensor holds {array.size} values, more than {limits.max_batch} images of "
+            f"{tuple(input_shape)}; the limit is {limits.max_batch} images."
         )
     return check_batch(array, input_shape, limits)
 

@@ -7,6 +7,7 @@
     cnnkit evaluate RUN_DIR                     test metrics and report pictures
     cnnkit feature-maps RUN_DIR IMAGE           feature-map grid PNGs of one image
     cnnkit export RUN_DIR [--name NAME]         SavedModel + ONNX into the model repository
+    cnnkit serve [--repository DIR]             the service: HTTP on 3000, gRPC on 8500
     cnnkit results [RUNS_ROOT]                  a Markdown table of finished and running runs
 
 Errors a user can fix print one clear message and exit with status 2.
@@ -117,6 +118,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the service (HTTP + gRPC) in this process, through BentoML's server."""
+    import shutil
+    from pathlib import Path
+
+    from training.repository import REPOSITORY_ENV, list_models, resolve_repository
+
+    repository = resolve_repository(args.repository).resolve()
+    if not list_models(repository):
+        raise CnnkitError(f"No exported models in {repository}: run `cnnkit export RUN_DIR` first.")
+    os.environ[REPOSITORY_ENV] = str(repository)
+    os.environ["CNNKIT_HOST"] = args.host
+    os.environ["CNNKIT_HTTP_PORT"] = str(args.http_port)
+    os.environ["CNNKIT_GRPC_PORT"] = str(args.grpc_port)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
+    if bentoml is None:
+        raise CnnkitError("BentoML is not installed: pip install 'cnnkit[serving]'.")
+    project = Path(__file__).resolve().parents[1]
+    command = [bentoml, "serve", "serving.service:Classifier", "--host", args.host,
+               "--port", str(args.http_port), "--working-dir", str(project)]
+    print(f"[cnnkit] serving {repository}: HTTP http://{args.host}:{args.http_port}  "
+          f"gRPC {args.host}:{args.grpc_port}", file=sys.stderr, flush=True)
+    os.execv(bentoml, command)
+    return 0  # not reached
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from training.results import results_table
 
@@ -167,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also import the new version into the BentoML model store")
     _add_data_dir(export)
     export.set_defaults(func=cmd_export)
+
+    serve = commands.add_parser("serve", help="start the service: HTTP (BentoML) and TF-Serving gRPC")
+    serve.add_argument("--repository", help="model repository (default: $CNNKIT_MODEL_REPOSITORY, "
+                       "else ./model_repository)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, default=3000)
+    serve.add_argument("--grpc-port", type=int, default=8500)
+    serve.set_defaults(func=cmd_serve)
 
     results = commands.add_parser("results", help="a Markdown table of the runs in a folder")
     results.add_argument("runs_root", nargs="?", default="runs")

@@ -1,0 +1,173 @@
+"""The cnnkit service: BentoML for HTTP, with the TF-Serving gRPC server in the same process.
+
+Start it with ``cnnkit serve`` or, from the project root, ``bentoml serve``. It serves every model
+of the repository in ``CNNKIT_MODEL_REPOSITORY`` (default ``./model_repository``):
+
+* HTTP (BentoML, port 3000): ``POST /predict`` (image upload), ``POST /predict_json`` (base64
+  images or a pixel tensor), ``POST /feature_maps``, ``POST /reload``; ``GET /models...`` and the
+  TF-Serving REST API under ``/v1``; BentoML's ``/livez``, ``/readyz``, ``/metrics`` and Swagger UI.
+* gRPC (``CNNKIT_GRPC_PORT``, default 8500): TF Serving's PredictionService, ModelService, health.
+
+The class stays thin: decoding, validation and top-k live in :mod:`serving.inputs`, inference in
+:mod:`serving.core`, the REST routes in :mod:`serving.rest`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+import bentoml  # noqa: E402
+
+from serving.auth import API_KEY_ENV, ApiKeyMiddleware  # noqa: E402
+from serving.core import InferenceCore  # noqa: E402
+from serving.errors import InvalidInputError, ServingError  # noqa: E402
+from serving.inputs import decode_base64, decode_image, tensor_from_json  # noqa: E402
+from serving.model_store import ModelStore, RepositoryPoller  # noqa: E402
+from serving.rest import build_models_app, build_tf_serving_app  # noqa: E402
+from training.repository import resolve_repository  # noqa: E402
+
+logger = logging.getLogger("cnnkit.serving")
+
+HTTP_PORT = int(os.environ.get("CNNKIT_HTTP_PORT", "3000"))
+HOST = os.environ.get("CNNKIT_HOST", "127.0.0.1")
+
+
+def _current_core() -> InferenceCore:
+    service = bentoml.get_current_service()
+    if service is None:
+        raise RuntimeError("The cnnkit service is not running.")
+    return service.core
+
+
+def _refuse(ctx: bentoml.Context, error: ServingError) -> dict[str, Any]:
+    """Answer a refused request with its status and ``{"error": message}``, as the REST routes do."""
+    ctx.response.status_code = error.http_status
+    return {"error": error.message}
+
+
+@bentoml.asgi_app(build_tf_serving_app(_current_core), path="/v1")
+@bentoml.asgi_app(build_models_app(_current_core), path="/models")
+@bentoml.service(
+    name="cnnkit",
+    workers=1,
+    traffic={"timeout": 60, "max_concurrency": 512},
+    http={"host": HOST, "port": HTTP_PORT},
+)
+class Classifier:
+    """Image classification, feature maps and model metadata for every model in the repository."""
+
+    def __init__(self) -> None:
+        repository = resolve_repository(None)
+        self.store = ModelStore(repository)
+        self.core = InferenceCore(self.store)
+        self.store.refresh()
+        if not self.store.names():
+            logger.warning("no models in %s: export one with `cnnkit export RUN_DIR`", repository)
+        self.poller = RepositoryPoller(self.store, float(os.environ.get("CNNKIT_POLL_SECONDS", "2"))).start()
+        self.grpc_server = None
+        grpc_port = int(os.environ.get("CNNKIT_GRPC_PORT", "8500"))
+        if grpc_port >= 0:
+            from serving.grpc_server import build_server, mark_serving
+
+            self.grpc_server, bound, health = build_server(
+                self.store, host=HOST, port=grpc_port, api_key=os.environ.get(API_KEY_ENV) or None,
+                limits=self.core.limits,
+            )
+            self.grpc_server.start()
+            mark_serving(health)
+            logger.info("gRPC (TF-Serving API) listening on %s:%d", HOST, bound)
+
+    def __is_ready__(self) -> bool:
+        return self.store.ready and bool(self.store.names())
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.poller.stop()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace=5)
+
+    @bentoml.api(route="/predict")
+    async def predict(self, ctx: bentoml.Context, image: Path, model: str, version: int | None = None,
+                      top_k: int = 5) -> dict[str, Any]:
+        """Classify one uploaded image file (multipart): the top-k classes with probabilities."""
+        try:
+            served = self.core.model(model, version)
+            pixels = decode_image(image.read_bytes(), served.input_shape, self.core.limits)
+            result = await self.core.classify(served, pixels[None].astype("float32"), top_k)
+            return result.to_dict()
+        except ServingError as error:
+            return _refuse(ctx, error)
+
+    @bentoml.api(route="/predict_json")
+    async def predict_json(self, ctx: bentoml.Context, model: str, images: list[str] | None = None,
+                           instances: list[Any] | None = None, version: int | None = None,
+                           top_k: int = 5) -> dict[str, Any]:
+        """Classify base64-encoded image files (``images``) or a pixel tensor batch (``instances``)."""
+        try:
+            served = self.core.model(model, version)
+            if (images is None) == (instances is None):
+                raise InvalidInputError("Send exactly one of 'images' (base64 files) or 'instances' (pixels).")
+            if images is not None:
+                if not images:
+                    raise InvalidInputError("'images' is empty.")
+                if len(images) > self.core.limits.max_batch:
+                    raise InvalidInputError(f"{len(images)} images; the limit is {self.core.limits.max_batch}.")
+                import numpy as np
+
+                batch = np.stack([decode_image(decode_base64(text), served.input_shape, self.core.limits)
+                                  for text in images]).astype("float32")
+            else:
+                batch = tensor_from_json(instances, served.input_shape, self.core.limits)
+            return (await self.core.classify(served, batch, top_k)).to_dict()
+        except ServingError as error:
+            return _refuse(ctx, error)
+
+    @bentoml.api(route="/feature_maps")
+    def feature_maps(self, ctx: bentoml.Context, image: Path, model: str, layers: list[str] | None = None,
+                     version: int | None = None, output: Literal["array", "png"] = "array",
+                     dtype: Literal["float16", "float32"] = "float16") -> dict[str, Any]:
+        """Activations of conv/pool layers for one uploaded image: arrays or PNG grids (base64)."""
+        try:
+            return self._feature_maps(image.read_bytes(), model, layers, version, output, dtype)
+        except ServingError as error:
+            return _refuse(ctx, error)
+
+    @bentoml.api(route="/feature_maps_json")
+    def feature_maps_json(self, ctx: bentoml.Context, image_b64: str, model: str, layers: list[str] | None = None,
+                          version: int | None = None, output: Literal["array", "png"] = "array",
+                          dtype: Literal["float16", "float32"] = "float16") -> dict[str, Any]:
+        """The same for a base64-encoded image file in a JSON body."""
+        try:
+            return self._feature_maps(decode_base64(image_b64), model, layers, version, output, dtype)
+        except ServingError as error:
+            return _refuse(ctx, error)
+
+    def _feature_maps(self, data: bytes, model: str, layers: list[str] | None, version: int | None,
+                      output: str, dtype: str) -> dict[str, Any]:
+        served = self.core.model(model, version)
+        pixels = decode_image(data, served.input_shape, self.core.limits).astype("float32")
+        maps = self.core.feature_maps(served, pixels, layers)
+        result: dict[str, Any] = {"model": served.name, "version": served.version}
+        if output == "png":
+            result["png"] = {name: base64.b64encode(png).decode()
+                             for name, png in self.core.feature_map_pngs(maps).items()}
+        else:
+            result["layers"] = self.core.feature_map_arrays(maps, dtype)
+        return result
+
+    @bentoml.api(route="/reload")
+    def reload(self) -> dict[str, Any]:
+        """Load versions that appeared in the repository since the last poll (admin)."""
+        loaded = self.store.refresh()
+        return {"loaded": loaded, "models": {name: self.store.versions(name) for name in self.store.names()},
+                "errors": self.store.errors}
+
+
+if os.environ.get(API_KEY_ENV):
+    Classifier.add_asgi_middleware(ApiKeyMiddleware, api_key=os.environ[API_KEY_ENV])  # type: ignore[attr-defined]
