@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job: set up, prepare the data root, train and evaluate the default digits model, then
-# export it (SavedModel + ONNX, verified) into the model repository.
+# The main job: set up, prepare the data root, train and evaluate the default digits model,
+# export it (SavedModel + ONNX, verified) into the model repository, start the service and call
+# it over HTTP and gRPC with real test digits.
 # Usage: scripts/main.sh [RUN_DIR]   (default runs/main-mnist_convnet; repository
-# $CNNKIT_MODEL_REPOSITORY, else model_repository/)
+# $CNNKIT_MODEL_REPOSITORY, else model_repository/; ports $CNNKIT_HTTP_PORT/$CNNKIT_GRPC_PORT,
+# else 3000 and 8500)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -18,3 +20,18 @@ fi
 echo "Report: $run_dir/evaluation/report.md"
 version_dir="$(.venv/bin/cnnkit export "$run_dir" --name digits)"
 echo "Exported: $version_dir"
+
+mkdir -p runs
+http_port="${CNNKIT_HTTP_PORT:-3000}"
+grpc_port="${CNNKIT_GRPC_PORT:-8500}"
+.venv/bin/cnnkit serve --http-port "$http_port" --grpc-port "$grpc_port" > runs/main-service.log 2>&1 &
+service_pid=$!
+trap 'kill "$service_pid" 2>/dev/null; wait "$service_pid" 2>/dev/null' EXIT
+echo "Starting the service (log: runs/main-service.log) ..."
+for _ in $(seq 1 240); do
+    if curl -fs "http://127.0.0.1:$http_port/readyz" >/dev/null 2>&1; then break; fi
+    if ! kill -0 "$service_pid" 2>/dev/null; then echo "The service exited:"; tail -20 runs/main-service.log; exit 1; fi
+    sleep 1
+done
+.venv/bin/python scripts/smoke_service.py --model digits --http "http://127.0.0.1:$http_port" \
+    --grpc "127.0.0.1:$grpc_port"
