@@ -46,8 +46,14 @@ def _current_core() -> InferenceCore:
 
 
 def _refuse(ctx: bentoml.Context, error: ServingError) -> dict[str, Any]:
-    """Answer a refused request with its status and ``{"error": message}``, as the REST routes do."""
-    ctx.response.status_code = error.http_status
+    """Answer a refused request with its status and ``{"error": message}``, as the REST routes do.
+
+    Called directly (not through the server) there is no response to set: the error is raised.
+    """
+    try:
+        ctx.response.status_code = error.http_status
+    except LookupError:
+        raise error from None
     return {"error": error.message}
 
 
