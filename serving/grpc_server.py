@@ -103,6 +103,25 @@ def _signature_def(model: LoadedModel, signature: str):
     return definition
 
 
+def _rpc(endpoint: str) -> Callable:
+    """Wrap an RPC handler: count it in the metrics and turn ServingError into a gRPC status."""
+
+    def decorate(handler: Callable) -> Callable:
+        def wrapped(self, request, context):
+            name = request.model_spec.name or "-"
+            try:
+                with metrics.observe(name, "grpc", endpoint):
+                    return handler(self, request, context)
+            except ServingError as error:
+                _abort(context, error)
+
+        wrapped.__name__ = handler.__name__
+        wrapped.__doc__ = handler.__doc__
+        return wrapped
+
+    return decorate
+
+
 class PredictionService:
     """The servicer; built lazily so importing this module does not import TensorFlow."""
 
@@ -113,71 +132,63 @@ class PredictionService:
     def _model(self, model_spec) -> LoadedModel:
         return self.store.get(model_spec.name, _version_of(model_spec))
 
+    @_rpc("Predict")
     def Predict(self, request, context):  # noqa: N802 - gRPC method name
         (_, _, _, _, predict_pb2, _) = _apis()
         tf = _tf()
-        name = request.model_spec.name or "-"
-        try:
-            with metrics.observe(name, "grpc", "Predict"):
-                model = self._model(request.model_spec)
-                signature = request.model_spec.signature_name or "serving_default"
-                available = model.signature_outputs(signature)
-                if list(request.inputs) != ["image"]:
-                    raise InvalidInputError(
-                        f"input tensor alias not found in signature: "
-                        f"{', '.join(sorted(request.inputs)) or '(none)'}. Inputs expected to be in the set {{image}}."
-                    )
-                wanted = list(request.output_filter) or available
-                unknown = [output for output in wanted if output not in available]
-                if unknown:
-                    raise InvalidInputError(
-                        f"output tensor alias not found in signature: {', '.join(unknown)} Outputs "
-                        f"expected to be in the set {{{','.join(available)}}}."
-                    )
-                images = images_from_tensor(request.inputs["image"], model, self.limits)
-                results = model.run(images, wanted)
-                metrics.record_batch(model.name, len(images))
-                response = predict_pb2.PredictResponse()
-                response.model_spec.name = model.name
-                response.model_spec.version.value = model.version
-                response.model_spec.signature_name = signature
-                for output, value in results.items():
-                    response.outputs[output].CopyFrom(tf.make_tensor_proto(value))
-                return response
-        except ServingError as error:
-            _abort(context, error)
+        model = self._model(request.model_spec)
+        signature = request.model_spec.signature_name or "serving_default"
+        available = model.signature_outputs(signature)
+        if list(request.inputs) != ["image"]:
+            raise InvalidInputError(
+                f"input tensor alias not found in signature: "
+                f"{', '.join(sorted(request.inputs)) or '(none)'}. Inputs expected to be in the set {{image}}."
+            )
+        wanted = list(request.output_filter) or available
+        unknown = [output for output in wanted if output not in available]
+        if unknown:
+            raise InvalidInputError(
+                f"output tensor alias not found in signature: {', '.join(unknown)} Outputs "
+                f"expected to be in the set {{{','.join(available)}}}."
+            )
+        images = images_from_tensor(request.inputs["image"], model, self.limits)
+        results = model.run(images, wanted)
+        metrics.record_batch(model.name, len(images))
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = model.name
+        response.model_spec.version.value = model.version
+        response.model_spec.signature_name = signature
+        for output, value in results.items():
+            response.outputs[output].CopyFrom(tf.make_tensor_proto(value))
+        return response
 
+    @_rpc("Classify")
     def Classify(self, request, context):  # noqa: N802
         (classification_pb2, _, _, _, _, _) = _apis()
-        name = request.model_spec.name or "-"
-        try:
-            with metrics.observe(name, "grpc", "Classify"):
-                model = self._model(request.model_spec)
-                examples = list(request.input.example_list.examples)
-                if request.input.HasField("example_list_with_context"):
-                    examples = list(request.input.example_list_with_context.examples)
-                if not examples:
-                    raise InvalidInputError("Classify needs at least one tf.Example with an encoded image.")
-                if len(examples) > self.limits.max_batch:
-                    raise InvalidInputError(
-                        f"{len(examples)} images in one request; the limit is {self.limits.max_batch}."
-                    )
-                images = np.stack([self._example_image(example, model) for example in examples])
-                probabilities = model.predict(images)
-                metrics.record_batch(model.name, len(images))
-                response = classification_pb2.ClassificationResponse()
-                response.model_spec.name = model.name
-                response.model_spec.version.value = model.version
-                response.model_spec.signature_name = "serving_default"
-                for row in probabilities:
-                    classifications = response.result.classifications.add()
-                    for index in np.argsort(-row, kind="stable"):
-                        entry = classifications.classes.add()
-                        entry.label = model.class_names[index]
-                        entry.score = float(row[index])
-                return response
-        except ServingError as error:
-            _abort(context, error)
+        model = self._model(request.model_spec)
+        examples = list(request.input.example_list.examples)
+        if request.input.HasField("example_list_with_context"):
+            examples = list(request.input.example_list_with_context.examples)
+        if not examples:
+            raise InvalidInputError("Classify needs at least one tf.Example with an encoded image.")
+        if len(examples) > self.limits.max_batch:
+            raise InvalidInputError(
+                f"{len(examples)} images in one request; the limit is {self.limits.max_batch}."
+            )
+        images = np.stack([self._example_image(example, model) for example in examples])
+        probabilities = model.predict(images)
+        metrics.record_batch(model.name, len(images))
+        response = classification_pb2.ClassificationResponse()
+        response.model_spec.name = model.name
+        response.model_spec.version.value = model.version
+        response.model_spec.signature_name = "serving_default"
+        for row in probabilities:
+            classifications = response.result.classifications.add()
+            for index in np.argsort(-row, kind="stable"):
+                entry = classifications.classes.add()
+                entry.label = model.class_names[index]
+                entry.score = float(row[index])
+        return response
 
     def Regress(self, request, context):  # noqa: N802
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "Regress: cnnkit serves image classifiers only.")
@@ -204,54 +215,47 @@ class PredictionService:
             f"({', '.join(IMAGE_FEATURE_KEYS)}) or raw pixels as a float feature 'pixels'."
         )
 
+    @_rpc("GetModelMetadata")
     def GetModelMetadata(self, request, context):  # noqa: N802
         (_, get_model_metadata_pb2, _, _, _, _) = _apis()
-        name = request.model_spec.name or "-"
-        try:
-            with metrics.observe(name, "grpc", "GetModelMetadata"):
-                model = self._model(request.model_spec)
-                fields = list(request.metadata_field)
-                unsupported = [field for field in fields if field != "signature_def"]
-                if unsupported:
-                    raise InvalidInputError(
-                        f"Metadata field {', '.join(unsupported)} is not supported; use signature_def."
-                    )
-                signatures = get_model_metadata_pb2.SignatureDefMap()
-                for signature in ("serving_default", "feature_maps"):
-                    signatures.signature_def[signature].CopyFrom(_signature_def(model, signature))
-                response = get_model_metadata_pb2.GetModelMetadataResponse()
-                response.model_spec.name = model.name
-                response.model_spec.version.value = model.version
-                response.metadata["signature_def"].Pack(signatures)
-                return response
-        except ServingError as error:
-            _abort(context, error)
+        model = self._model(request.model_spec)
+        fields = list(request.metadata_field)
+        unsupported = [field for field in fields if field != "signature_def"]
+        if unsupported:
+            raise InvalidInputError(
+                f"Metadata field {', '.join(unsupported)} is not supported; use signature_def."
+            )
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        for signature in ("serving_default", "feature_maps"):
+            signatures.signature_def[signature].CopyFrom(_signature_def(model, signature))
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = model.name
+        response.model_spec.version.value = model.version
+        response.metadata["signature_def"].Pack(signatures)
+        return response
 
 
 class ModelStatusService:
     def __init__(self, store: ModelStore):
         self.store = store
 
+    @_rpc("GetModelStatus")
     def GetModelStatus(self, request, context):  # noqa: N802
         (_, _, get_model_status_pb2, _, _, _) = _apis()
-        name = request.model_spec.name or "-"
-        try:
-            with metrics.observe(name, "grpc", "GetModelStatus"):
-                pinned = _version_of(request.model_spec)
-                if pinned is not None:
-                    models = [self.store.get(name, pinned)]
-                else:
-                    self.store.get(name)  # NotFoundError for unknown models
-                    models = [self.store.get(name, version) for version in self.store.versions(name)]
-                response = get_model_status_pb2.GetModelStatusResponse()
-                for model in models:
-                    status = response.model_version_status.add()
-                    status.version = model.version
-                    status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-                    status.status.error_code = 0
-                return response
-        except ServingError as error:
-            _abort(context, error)
+        name = request.model_spec.name
+        pinned = _version_of(request.model_spec)
+        if pinned is not None:
+            models = [self.store.get(name, pinned)]
+        else:
+            self.store.get(name)  # NotFoundError for unknown models
+            models = [self.store.get(name, version) for version in self.store.versions(name)]
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for model in models:
+            status = response.model_version_status.add()
+            status.version = model.version
+            status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+            status.status.error_code = 0
+        return response
 
 
     def HandleReloadConfigRequest(self, request, context):  # noqa: N802

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import kill_when
 
 from training.config import config_from_dict
 from training.export import ExportError, export_run
@@ -200,19 +199,8 @@ def test_killing_an_export_leaves_the_repository_as_it_was(exported, digits_run,
              str(repository), "--data-dir", str(data_root)],
             env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPOSITORY,
         )
-        try:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and process.poll() is None:
-                if any(entry.name.startswith(".model_repository.staging-") for entry in tmp_path.iterdir()):
-                    break
-                time.sleep(0.02)
-            time.sleep(extra_delay)
-            assert process.poll() is None, "the export finished before it could be interrupted"
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-        finally:
-            if process.poll() is None:
-                process.kill()
+        kill_when(process, lambda: any(entry.name.startswith(".model_repository.staging-")
+                                       for entry in tmp_path.iterdir()), delay=extra_delay)
         assert _snapshot(repository) == before
     # The next export sweeps the dead exports' staging folders and takes the next version.
     version = export_run(digits_run, repository=repository, data_dir=data_root, check_accuracy=False)

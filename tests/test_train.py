@@ -5,15 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from processes import kill_when
 
 from training.config import config_from_dict
 from training.errors import RunError
@@ -150,18 +149,7 @@ def test_a_killed_run_resumes_where_its_last_checkpoint_left_off(tmp_path, data_
         [sys.executable, "-m", "training.cli", "train", str(recipe), "--output", str(run_dir)],
         env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPOSITORY,
     )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            if (run_dir / "state.json").exists() and read_state(run_dir).get("epoch", 0) >= 1:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, "the run ended before it could be killed"
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
+    kill_when(process, lambda: (run_dir / "state.json").exists() and read_state(run_dir).get("epoch", 0) >= 1)
     killed_at = read_state(run_dir)["epoch"]
     assert 1 <= killed_at < 30
 
