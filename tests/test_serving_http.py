@@ -306,3 +306,26 @@ def test_api_key_guards_everything_but_health(repository, digits):
         assert httpx.get(f"{running.url}/readyz").status_code == 200
     finally:
         running.stop()
+
+
+def test_sixty_four_concurrent_clients_get_no_errors_and_share_batches(service, client, digits):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def metric(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(name) and 'model="digits"' in line)
+
+    before = client.get("/metrics").text
+    body = {"model": "digits", "instances": digits[0][:1].tolist()}
+
+    def one_client(_):
+        with httpx.Client(base_url=service.url, timeout=120) as own:
+            return [own.post("/predict_json", json=body).status_code for _ in range(4)]
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        statuses = [status for result in pool.map(one_client, range(64)) for status in result]
+    assert statuses == [200] * 256
+    after = client.get("/metrics").text
+    images = metric(after, "cnnkit_inference_batch_size_sum") - metric(before, "cnnkit_inference_batch_size_sum")
+    batches = metric(after, "cnnkit_inference_batch_size_count") - metric(before, "cnnkit_inference_batch_size_count")
+    assert images == 256 and batches < 256  # some requests were merged into shared batches
