@@ -36,6 +36,26 @@ logger = logging.getLogger("cnnkit.serving")
 
 HTTP_PORT = int(os.environ.get("CNNKIT_HTTP_PORT", "3000"))
 HOST = os.environ.get("CNNKIT_HOST", "127.0.0.1")
+BENTO_MODELS_ENV = "CNNKIT_BENTO_MODELS"
+
+
+def bento_model_tags() -> list[str]:
+    """Models to serve from the BentoML store (``CNNKIT_BENTO_MODELS=digits:1,cifar10:latest``)."""
+    return [tag.strip() for tag in os.environ.get(BENTO_MODELS_ENV, "").split(",") if tag.strip()]
+
+
+def repository_from_bento_store(tags: list[str]) -> Path:
+    """A model repository view of BentoML store models: NAME/VERSION links to their exports."""
+    import tempfile
+
+    from training.bento import open_bento_model
+
+    root = Path(tempfile.mkdtemp(prefix="cnnkit-bento-repository-"))
+    for tag in tags:
+        version = open_bento_model(tag)
+        (root / version.name).mkdir(exist_ok=True)
+        (root / version.name / str(version.version)).symlink_to(version.path, target_is_directory=True)
+    return root
 
 
 def _current_core() -> InferenceCore:
@@ -68,8 +88,14 @@ def _refuse(ctx: bentoml.Context, error: ServingError) -> dict[str, Any]:
 class Classifier:
     """Image classification, feature maps and model metadata for every model in the repository."""
 
+    # Models from the BentoML store named in CNNKIT_BENTO_MODELS are declared here, so that
+    # `bentoml build` packs them into the Bento; without it the service reads a repository folder.
+    for _index, _tag in enumerate(bento_model_tags()):
+        vars()[f"bento_model_{_index}"] = bentoml.models.BentoModel(_tag)
+
     def __init__(self) -> None:
-        repository = resolve_repository(None)
+        tags = bento_model_tags()
+        repository = repository_from_bento_store(tags) if tags else resolve_repository(None)
         self.store = ModelStore(repository)
         self.core = InferenceCore(self.store)
         self.store.refresh()

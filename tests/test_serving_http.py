@@ -329,3 +329,46 @@ def test_sixty_four_concurrent_clients_get_no_errors_and_share_batches(service, 
     images = metric(after, "cnnkit_inference_batch_size_sum") - metric(before, "cnnkit_inference_batch_size_sum")
     batches = metric(after, "cnnkit_inference_batch_size_count") - metric(before, "cnnkit_inference_batch_size_count")
     assert images == 256 and batches < 256  # some requests were merged into shared batches
+
+
+def test_the_built_bento_serves_the_stored_models(digits_repository, tmp_path, digits):
+    """`bentoml build` (offline) records the store models; `bentoml serve cnnkit:latest` serves them."""
+    bentoml_bin = str(Path(sys.executable).parent / "bentoml")
+    environment = dict(os.environ, BENTOML_HOME=str(tmp_path / "bentoml"), BENTOML_DO_NOT_TRACK="True",
+                       TF_CPP_MIN_LOG_LEVEL="3", CNNKIT_BENTO_MODELS="digits:latest")
+    code = ("from training.bento import import_to_bentoml\nfrom training.repository import open_version\n"
+            f"print(import_to_bentoml(open_version({str(digits_repository)!r}, 'digits')))\n")
+    imported = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                              timeout=300)
+    assert imported.stdout.strip() == "digits:1", imported.stderr
+    built = subprocess.run([bentoml_bin, "build"], cwd=REPOSITORY, env=environment, capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    described = subprocess.run([bentoml_bin, "get", "cnnkit:latest", "-o", "json"], env=environment,
+                               capture_output=True, text=True, timeout=120)
+    import json as json_module
+
+    assert [model["tag"] for model in json_module.loads(described.stdout)["services"][0]["models"]] == ["digits:1"]
+    port = free_port()
+    environment["CNNKIT_GRPC_PORT"] = str(free_port())
+    process = subprocess.Popen([bentoml_bin, "serve", "cnnkit:latest", "--port", str(port)], cwd=tmp_path,
+                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, "bentoml serve exited"
+            time.sleep(0.5)
+        answer = httpx.post(f"http://127.0.0.1:{port}/predict_json",
+                            json={"model": "digits", "images": [b64(digits[2][0])]}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["version"] == 1
+    finally:
+        import signal
+
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
