@@ -19,9 +19,9 @@ import grpc
 import numpy as np
 
 from serving import metrics
-from serving.auth import key_matches, presented_key
 from serving.errors import InvalidInputError, NotFoundError, ServingError
 from serving.inputs import DEFAULT_LIMITS, InputLimits, check_batch, decode_image
+from serving.middleware import key_matches, presented_key
 from serving.model_store import PREDICT_OUTPUTS, LoadedModel, ModelStore
 
 logger = logging.getLogger(__name__)

@@ -24,10 +24,15 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 import bentoml  # noqa: E402
 
-from serving.auth import API_KEY_ENV, ApiKeyMiddleware  # noqa: E402
 from serving.core import InferenceCore  # noqa: E402
 from serving.errors import InvalidInputError, ServingError  # noqa: E402
-from serving.inputs import decode_base64, decode_image, tensor_from_json  # noqa: E402
+from serving.inputs import (  # noqa: E402
+    DEFAULT_LIMITS,  # noqa: E402
+    decode_base64,
+    decode_image,
+    tensor_from_json,
+)
+from serving.middleware import API_KEY_ENV, ApiKeyMiddleware, BodyLimitMiddleware  # noqa: E402
 from serving.model_store import ModelStore, RepositoryPoller  # noqa: E402
 from serving.rest import build_models_app, build_tf_serving_app  # noqa: E402
 from training.repository import resolve_repository  # noqa: E402
@@ -201,5 +206,9 @@ class Classifier:
                 "errors": self.store.errors}
 
 
+# Bodies carry at most max_body_bytes of image data, plus room for base64 (4/3) and JSON framing.
+Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
+    BodyLimitMiddleware, limit=DEFAULT_LIMITS.max_body_bytes * 4 // 3 + 64 * 1024
+)
 if os.environ.get(API_KEY_ENV):
     Classifier.add_asgi_middleware(ApiKeyMiddleware, api_key=os.environ[API_KEY_ENV])  # type: ignore[attr-defined]

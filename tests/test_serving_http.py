@@ -38,6 +38,9 @@ class RunningService:
         environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", BENTOML_DO_NOT_TRACK="True",
                            CNNKIT_POLL_SECONDS="0.5")
         environment.pop("CNNKIT_API_KEY", None)
+        # BentoML keeps its Prometheus files under BENTOML_HOME and clears them when a server
+        # starts: each test service gets its own home so that two of them keep separate metrics.
+        environment["BENTOML_HOME"] = str(repository.parent / f"bentoml-{self.http_port}")
         if api_key:
             environment["CNNKIT_API_KEY"] = api_key
         self.log = open(repository.parent / f"serve-{self.http_port}.log", "w")  # noqa: SIM115
@@ -173,6 +176,7 @@ def test_health_metrics_and_docs(client):
     assert 'cnnkit_requests_total{endpoint="rest_predict",model="digits",protocol="http"}' in text
     assert "cnnkit_inference_batch_size_bucket" in text
     assert "/predict_json" in client.get("/docs.json").text
+    assert "swagger" in client.get("/").text.lower()
 
 
 BOMB = None
@@ -328,7 +332,8 @@ def test_sixty_four_concurrent_clients_get_no_errors_and_share_batches(service, 
     after = client.get("/metrics").text
     images = metric(after, "cnnkit_inference_batch_size_sum") - metric(before, "cnnkit_inference_batch_size_sum")
     batches = metric(after, "cnnkit_inference_batch_size_count") - metric(before, "cnnkit_inference_batch_size_count")
-    assert images == 256 and batches < 256  # some requests were merged into shared batches
+    shown = [line for line in after.splitlines() if line.startswith("cnnkit_inference_batch_size_")][-6:]
+    assert images == 256 and batches < 256, shown  # some requests were merged into shared batches
 
 
 def test_the_built_bento_serves_the_stored_models(digits_repository, tmp_path, digits):
@@ -372,3 +377,9 @@ def test_the_built_bento_serves_the_stored_models(digits_repository, tmp_path, d
 
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_uploads_over_the_body_limit_are_refused_before_reading(client):
+    big = b"\xff\xd8" + b"\x00" * (28 * 1024 * 1024)
+    response = client.post("/predict", files={"image": ("huge.jpg", big, "image/jpeg")}, data={"model": "digits"})
+    assert response.status_code == 413 and "limit" in response.json()["error"]

@@ -91,7 +91,7 @@ def test_api_key_middleware_in_process():
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from serving.auth import ApiKeyMiddleware, presented_key
+    from serving.middleware import ApiKeyMiddleware, presented_key
 
     app = Starlette(routes=[Route("/readyz", lambda request: PlainTextResponse("ok")),
                             Route("/data", lambda request: PlainTextResponse("secret"))])
