@@ -78,12 +78,6 @@ class InferenceCore:
         return Classification(model.name, model.version,
                               top_k(outputs["probabilities"], model.class_names, k))
 
-    def classify_now(self, model: LoadedModel, images: np.ndarray, k: int = 5) -> Classification:
-        """The same without batching, for callers outside an event loop (gRPC threads)."""
-        probabilities = model.predict(images)
-        metrics.record_batch(model.name, len(images))
-        return Classification(model.name, model.version, top_k(probabilities, model.class_names, k))
-
     def feature_maps(self, model: LoadedModel, image: np.ndarray, layers: Sequence[str] | None = None,
                      ) -> dict[str, np.ndarray]:
         """Activations (H, W, C) of the named layers (default: every convolution) for one image."""

@@ -20,9 +20,9 @@ import numpy as np
 
 from serving import metrics
 from serving.errors import InvalidInputError, NotFoundError, ServingError
-from serving.inputs import DEFAULT_LIMITS, InputLimits, check_batch, decode_image
+from serving.inputs import DEFAULT_LIMITS, InputLimits, check_batch, check_count, decode_image, decode_images
 from serving.middleware import key_matches, presented_key
-from serving.model_store import PREDICT_OUTPUTS, LoadedModel, ModelStore
+from serving.model_store import LoadedModel, ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +67,7 @@ def images_from_tensor(proto, model: LoadedModel, limits: InputLimits) -> np.nda
     """A TensorProto of pixels (any real dtype) or of encoded image bytes, as a float32 batch."""
     tf = _tf()
     if proto.dtype == tf.string.as_datatype_enum:
-        encoded = list(proto.string_val)
-        if not encoded:
-            raise InvalidInputError("The string tensor holds no encoded images.")
-        if len(encoded) > limits.max_batch:
-            raise InvalidInputError(f"{len(encoded)} images in one request; the limit is {limits.max_batch}.")
-        return np.stack([decode_image(data, model.input_shape, limits) for data in encoded]).astype(np.float32)
+        return decode_images(list(proto.string_val), model.input_shape, limits)
     try:
         array = tf.make_ndarray(proto)
     except Exception as error:  # noqa: BLE001 - malformed TensorProto content.
@@ -169,12 +164,7 @@ class PredictionService:
         examples = list(request.input.example_list.examples)
         if request.input.HasField("example_list_with_context"):
             examples = list(request.input.example_list_with_context.examples)
-        if not examples:
-            raise InvalidInputError("Classify needs at least one tf.Example with an encoded image.")
-        if len(examples) > self.limits.max_batch:
-            raise InvalidInputError(
-                f"{len(examples)} images in one request; the limit is {self.limits.max_batch}."
-            )
+        check_count(len(examples), self.limits)
         images = np.stack([self._example_image(example, model) for example in examples])
         probabilities = model.predict(images)
         metrics.record_batch(model.name, len(images))
@@ -322,4 +312,4 @@ def mark_serving(health_servicer) -> None:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
-__all__ = ["PREDICT_OUTPUTS", "build_server", "mark_serving"]
+__all__ = ["build_server", "mark_serving"]

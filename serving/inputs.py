@@ -69,6 +69,22 @@ def decode_image(
         raise InvalidInputError(f"The image is truncated or corrupt: {error}") from error
 
 
+def check_count(count: int, limits: InputLimits = DEFAULT_LIMITS) -> None:
+    """Refuse an empty request or one with more images than ``limits.max_batch``."""
+    if count == 0:
+        raise InvalidInputError("The batch is empty.")
+    if count > limits.max_batch:
+        raise PayloadTooLargeError(f"{count} images in one request; the limit is {limits.max_batch}.")
+
+
+def decode_images(
+    encoded: Sequence[bytes], input_shape: Sequence[int], limits: InputLimits = DEFAULT_LIMITS
+) -> np.ndarray:
+    """Several encoded image files as one validated float32 batch (N, H, W, C)."""
+    check_count(len(encoded), limits)
+    return np.stack([decode_image(data, input_shape, limits) for data in encoded]).astype(np.float32)
+
+
 def decode_base64(text: Any) -> bytes:
     """Strict base64 (standard or URL-safe alphabet, padding optional) to bytes."""
     if not isinstance(text, str):
@@ -107,10 +123,7 @@ def check_batch(
         raise InvalidInputError(
             f"Each image must have shape {expected} (height, width, channels), got {tuple(array.shape[1:])}."
         )
-    if len(array) == 0:
-        raise InvalidInputError("The batch is empty.")
-    if len(array) > limits.max_batch:
-        raise PayloadTooLargeError(f"{len(array)} images in one request; the limit is {limits.max_batch}.")
+    check_count(len(array), limits)
     values = array.astype(np.float32, copy=False)
     if not np.isfinite(values).all():
         raise InvalidInputError("The tensor contains NaN or infinite values.")

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from serving import metrics
 from serving.core import InferenceCore
 from serving.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, ServingError
-from serving.inputs import check_batch, decode_base64, decode_image
+from serving.inputs import check_batch, check_count, decode_base64, decode_image
 from serving.model_store import LoadedModel
 
 MODEL_PATH = re.compile(r"^/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<rest>.*)$")
@@ -80,10 +80,9 @@ def tf_request_images(body: Any, model: LoadedModel, core: InferenceCore) -> tup
         values = values["image"]
     if isinstance(values, dict) and set(values) == {"b64"}:
         values = [values]
-    if not isinstance(values, list) or not values:
-        raise InvalidInputError("The images must be a non-empty list.")
-    if len(values) > core.limits.max_batch:
-        raise PayloadTooLargeError(f"{len(values)} images in one request; the limit is {core.limits.max_batch}.")
+    if not isinstance(values, list):
+        raise InvalidInputError("The images must be a list.")
+    check_count(len(values), core.limits)
     if all(isinstance(value, dict) for value in values):
         images = np.stack([_instance_to_image(value, model, core) for value in values])
     else:
@@ -93,10 +92,6 @@ def tf_request_images(body: Any, model: LoadedModel, core: InferenceCore) -> tup
             raise InvalidInputError(f"The tensor is ragged or holds non-numbers: {error}") from error
         images = check_batch(array, model.input_shape, core.limits)
     return images, row_format
-
-
-def _to_json(value: np.ndarray) -> Any:
-    return value.tolist()
 
 
 def build_tf_serving_app(get_core: Callable[[], InferenceCore]) -> Starlette:
@@ -141,9 +136,9 @@ async def _predict(request: Request, core: InferenceCore, model: LoadedModel) ->
         values = model.run(images, outputs)
         metrics.record_batch(model.name, len(images))
     if row_format:
-        rows = [{name: _to_json(value[index]) for name, value in values.items()} for index in range(len(images))]
+        rows = [{name: value[index].tolist() for name, value in values.items()} for index in range(len(images))]
         return JSONResponse({"predictions": rows})
-    return JSONResponse({"outputs": {name: _to_json(value) for name, value in values.items()}})
+    return JSONResponse({"outputs": {name: value.tolist() for name, value in values.items()}})
 
 
 def _metadata(core: InferenceCore, model: LoadedModel) -> dict[str, Any]:

@@ -28,8 +28,10 @@ from serving.core import InferenceCore  # noqa: E402
 from serving.errors import InvalidInputError, ServingError  # noqa: E402
 from serving.inputs import (  # noqa: E402
     DEFAULT_LIMITS,  # noqa: E402
+    check_count,
     decode_base64,
     decode_image,
+    decode_images,
     tensor_from_json,
 )
 from serving.middleware import API_KEY_ENV, ApiKeyMiddleware, BodyLimitMiddleware  # noqa: E402
@@ -151,14 +153,9 @@ class Classifier:
             if (images is None) == (instances is None):
                 raise InvalidInputError("Send exactly one of 'images' (base64 files) or 'instances' (pixels).")
             if images is not None:
-                if not images:
-                    raise InvalidInputError("'images' is empty.")
-                if len(images) > self.core.limits.max_batch:
-                    raise InvalidInputError(f"{len(images)} images; the limit is {self.core.limits.max_batch}.")
-                import numpy as np
-
-                batch = np.stack([decode_image(decode_base64(text), served.input_shape, self.core.limits)
-                                  for text in images]).astype("float32")
+                check_count(len(images), self.core.limits)  # before decoding any base64
+                batch = decode_images([decode_base64(text) for text in images], served.input_shape,
+                                      self.core.limits)
             else:
                 batch = tensor_from_json(instances, served.input_shape, self.core.limits)
             return (await self.core.classify(served, batch, top_k)).to_dict()

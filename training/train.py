@@ -33,7 +33,7 @@ import keras
 from training import data as data_module
 from training.config import RecipeConfig, load_config_file, save_config
 from training.errors import RunError
-from training.io import atomic_save, atomic_write_json
+from training.io import atomic_save, atomic_write_json, atomic_write_text
 from training.models import create_model, set_trainable_from
 
 logger = logging.getLogger(__name__)
@@ -264,8 +264,6 @@ def _trim_history(path: Path, completed_epochs: int) -> None:
         return
     kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) < completed_epochs]
     if len(kept) != len(rows):
-        from training.io import atomic_write_text
-
         lines = [",".join(row) for row in kept]
         atomic_write_text(path, "\n".join(lines) + "\n")
 
