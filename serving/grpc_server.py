@@ -10,6 +10,8 @@ Importing ``tensorflow_serving.apis`` imports TensorFlow (for its protos); only 
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -19,15 +21,26 @@ import grpc
 import numpy as np
 
 from serving import metrics
+from serving.core import InferenceCore, describe_model
 from serving.errors import InvalidInputError, NotFoundError, ServingError
-from serving.inputs import DEFAULT_LIMITS, InputLimits, check_batch, check_count, decode_image, decode_images
+from serving.inputs import (
+    DEFAULT_LIMITS,
+    InputLimits,
+    check_batch,
+    check_count,
+    decode_base64,
+    decode_image,
+    decode_images,
+)
 from serving.middleware import key_matches, presented_key
 from serving.model_store import LoadedModel, ModelStore
 
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # feature maps of a batch exceed gRPC's 4 MB default
-HEALTH_SERVICE_NAMES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+EXTENSION_SERVICE = "cnnkit.v1.Extensions"
+HEALTH_SERVICE_NAMES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
+                        EXTENSION_SERVICE)
 IMAGE_FEATURE_KEYS = ("image/encoded", "image", "image_bytes")
 
 
@@ -253,6 +266,75 @@ class ModelStatusService:
                       "cnnkit picks up new versions from the repository by itself; no reload needed.")
 
 
+class Extensions:
+    """What TF Serving's API has no message for, as gRPC methods with JSON bodies (UTF-8 bytes).
+
+    ``/cnnkit.v1.Extensions/ListModels`` ``{}`` -> ``{"models": [...]}``; ``DescribeModel``
+    ``{"model", "version"?}`` -> the model's description (classes, input, layers), as ``GET /models/NAME``;
+    ``FeatureMapPngs`` ``{"model", "version"?, "layers"?, "image_b64"}`` -> ``{"model", "version",
+    "png": {layer: base64 PNG grid}}``. Clients need no ``.proto`` for them.
+    """
+
+    METHODS = ("ListModels", "DescribeModel", "FeatureMapPngs")
+
+    def __init__(self, store: ModelStore, limits: InputLimits = DEFAULT_LIMITS):
+        self.store = store
+        self.limits = limits
+
+    def ListModels(self, body: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        return {"models": [describe_model(self.store, self.store.get(name)) for name in self.store.names()]}
+
+    def DescribeModel(self, body: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        return describe_model(self.store, self._model(body))
+
+    def FeatureMapPngs(self, body: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        model = self._model(body)
+        layers = body.get("layers")
+        if layers is not None and not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)):
+            raise InvalidInputError("'layers' must be a list of layer names.")
+        if not isinstance(body.get("image_b64"), str):
+            raise InvalidInputError("'image_b64' (the image file in base64) is required.")
+        pixels = decode_image(decode_base64(body["image_b64"]), model.input_shape, self.limits)
+        names = model.check_layers(layers)
+        outputs = model.run(pixels[None].astype(np.float32), names)
+        metrics.record_batch(model.name, 1)
+        pngs = InferenceCore.feature_map_pngs({name: outputs[name][0] for name in names})
+        return {"model": model.name, "version": model.version,
+                "png": {name: base64.b64encode(png).decode("ascii") for name, png in pngs.items()}}
+
+    def _model(self, body: dict[str, Any]) -> LoadedModel:
+        if not isinstance(body.get("model"), str):
+            raise InvalidInputError("'model' (a model name) is required.")
+        version = body.get("version")
+        if version is not None and not isinstance(version, int):
+            raise InvalidInputError(f"'version' must be an integer, got {version!r}.")
+        return self.store.get(body["model"], version)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def method(name: str) -> grpc.RpcMethodHandler:
+            function = getattr(self, name)
+
+            def handle(request: bytes, context) -> bytes | None:
+                model = "-"
+                try:
+                    try:
+                        body = json.loads(request or b"{}")
+                    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                        raise InvalidInputError(f"The request must be a JSON object: {error}") from error
+                    if not isinstance(body, dict):
+                        raise InvalidInputError("The request must be a JSON object.")
+                    model = str(body.get("model") or "-")
+                    with metrics.observe(model, "grpc", name):
+                        return json.dumps(function(body)).encode()
+                except ServingError as error:
+                    _abort(context, error)
+                return None
+
+            return grpc.unary_unary_rpc_method_handler(handle)
+
+        return grpc.method_handlers_generic_handler(EXTENSION_SERVICE, {name: method(name) for name in self.METHODS})
+
+
 class ApiKeyInterceptor(grpc.ServerInterceptor):
     """Refuses every call but health checks without the API key (``x-api-key`` or Bearer)."""
 
@@ -293,6 +375,7 @@ def build_server(store: ModelStore, *, host: str = "127.0.0.1", port: int = 8500
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(store, limits), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(store), server)
+    server.add_generic_rpc_handlers((Extensions(store, limits).handler(),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     from grpc_health.v1 import health_pb2

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.core import decode_array
+from cnnkit_client.types import decode_array
 
 pytestmark = pytest.mark.data
 

@@ -9,6 +9,7 @@
     cnnkit export RUN_DIR [--name NAME]         SavedModel + ONNX into the model repository
     cnnkit serve [--repository DIR]             the service: HTTP on 3000, gRPC on 8500
     cnnkit results [RUNS_ROOT]                  a Markdown table of finished and running runs
+    cnnkit score DIR --model NAME [--url|--grpc|--local]   score an image folder into CSV/JSONL
 
 Errors a user can fix print one clear message and exit with status 2.
 """
@@ -203,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=3000)
     serve.add_argument("--grpc-port", type=int, default=8500)
     serve.set_defaults(func=cmd_serve)
+
+    score = commands.add_parser("score", help="score every image in a folder (service or in-process)")
+    from cnnkit_client import scoring
+
+    scoring.add_arguments(score)
+    score.set_defaults(func=scoring.run)
 
     results = commands.add_parser("results", help="a Markdown table of the runs in a folder")
     results.add_argument("runs_root", nargs="?", default="runs")

@@ -1,0 +1,360 @@
+"""gRPC clients: ``GrpcClient`` (sync) and ``AsyncGrpcClient`` (grpc.aio), with the HTTP clients' methods.
+
+They speak TensorFlow Serving's protocol with our own wire-compatible messages (no TensorFlow):
+``predict`` is ``PredictionService/Classify`` with the encoded image in a ``tf.Example``
+(``image/encoded``), ``feature_maps`` is ``Predict`` on the ``feature_maps`` signature, ``health`` is
+``grpc.health.v1``. What TF Serving has no message for (the model list, descriptions with class
+names, PNG grids) goes through cnnkit's JSON methods under ``/cnnkit.v1.Extensions/``.
+
+As in :mod:`cnnkit_client._http`, each method is a plan of calls plus a function that turns their
+answers into the result (or into a further plan, when class names must be looked up first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+import grpc.aio
+
+from cnnkit_client.errors import RETRIABLE, CnnkitError, InvalidInputError, ServerError, from_grpc_code
+from cnnkit_client.images import ImageLike, chunks, encode_image, encode_images
+from cnnkit_client.protos.tfs import classification_pb2, predict_pb2
+from cnnkit_client.retry import Retry
+from cnnkit_client.tensors import to_ndarray, to_tensor_proto
+from cnnkit_client.types import ClassScore, FeatureMaps, Health, ModelInfo, Prediction
+
+DEFAULT_TARGET = "127.0.0.1:8500"
+DEFAULT_TIMEOUT = 30.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+EXTENSIONS = "/cnnkit.v1.Extensions/"
+CLASSIFY = "/tensorflow.serving.PredictionService/Classify"
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+IMAGE_FEATURE = "image/encoded"
+
+T = TypeVar("T")
+
+
+def _json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps({key: value for key, value in body.items() if value is not None}).encode()
+
+
+def _health_request(service: str) -> bytes:
+    """A ``grpc.health.v1.HealthCheckRequest`` (field 1, ``service``), encoded by hand: no extra package."""
+    data = service.encode()
+    if len(data) > 127:
+        raise ValueError("health service name too long")
+    return (b"\x0a" + bytes([len(data)]) + data) if data else b""
+
+
+def _health_status(response: bytes) -> int:
+    """The ``status`` (field 1, enum) of a ``HealthCheckResponse``: 1 is SERVING."""
+    return response[1] if len(response) >= 2 and response[0] == 0x08 else 0
+
+
+@dataclass
+class _Call:
+    path: str
+    request: Any  # a protobuf message or bytes
+    parse: Callable[[bytes], Any]
+
+
+@dataclass
+class _Plan(Generic[T]):
+    calls: list[_Call]
+    finish: Callable[[list[Any]], T | _Plan[T]]
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+def _rpc_error(error: grpc.RpcError, target: str) -> CnnkitError:
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else None
+    name = code.name if code is not None else "UNKNOWN"
+    message = details or str(error)
+    if name == "UNAVAILABLE":
+        message = f"Cannot reach {target}: {message}"
+    return from_grpc_code(name, message)
+
+
+class _GrpcApi:
+    def __init__(self, target: str, *, api_key: str | None, timeout: float | None, retry: Retry,
+                 max_images_per_request: int):
+        if max_images_per_request < 1:
+            raise ValueError("max_images_per_request must be at least 1.")
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self.max_images_per_request = max_images_per_request
+        self._metadata = (("x-api-key", api_key),) if api_key else None
+        self._infos: dict[tuple[str, int], ModelInfo] = {}
+        self._options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+    # -- plans ---------------------------------------------------------------------------------
+
+    def _describe_call(self, model: str, version: int | None) -> _Call:
+        return _Call(EXTENSIONS + "DescribeModel", _json_bytes({"model": model, "version": version}),
+                     lambda data: ModelInfo.from_dict(json.loads(data)))
+
+    def _with_info(self, model: str, version: int | None, then: Callable[[ModelInfo], T | _Plan[T]]) -> _Plan[T]:
+        """A plan that looks the model up (once per version, cached) and goes on with ``then``."""
+        cached = self._infos.get((model, version)) if version is not None else None
+        if cached is not None:
+            return _Plan([], lambda _: then(cached))
+
+        def remember(answers: list[Any]) -> T | _Plan[T]:
+            info: ModelInfo = answers[0]
+            self._infos[(info.name, info.version)] = info
+            return then(info)
+
+        return _Plan([self._describe_call(model, version)], remember)
+
+    def _predict_plan(self, images: ImageLike | Sequence[ImageLike], model: str, version: int | None,
+                      top_k: int) -> _Plan[Prediction | list[Prediction]]:
+        if top_k < 1:
+            raise InvalidInputError(f"top_k must be at least 1, got {top_k}.")
+        encoded, single = encode_images(images)
+        calls = []
+        for chunk in chunks(encoded, self.max_images_per_request):
+            request = classification_pb2.ClassificationRequest()
+            request.model_spec.name = model
+            if version is not None:
+                request.model_spec.version.value = version
+            for data in chunk:
+                request.input.example_list.examples.add().features.feature[IMAGE_FEATURE].bytes_list.value.append(data)
+            calls.append(_Call(CLASSIFY, request, classification_pb2.ClassificationResponse.FromString))
+
+        def finish(responses: list[Any]) -> Prediction | list[Prediction] | _Plan[Prediction | list[Prediction]]:
+            answered = {(response.model_spec.name, response.model_spec.version.value) for response in responses}
+            if len(answered) != 1:  # a new version went live between two chunks: the rows are still right
+                answered = {max(answered, key=lambda pair: pair[1])}
+            (name, answered_version), = answered
+
+            def build(info: ModelInfo) -> Prediction | list[Prediction]:
+                predictions = [
+                    Prediction(response.model_spec.name, int(response.model_spec.version.value), tuple(
+                        ClassScore(entry.label, info.class_index(entry.label), float(entry.score))
+                        for entry in list(result.classes)[:top_k]))
+                    for response in responses for result in response.result.classifications
+                ]
+                return predictions[0] if single else predictions
+
+            return self._with_info(name, int(answered_version), build)
+
+        return _Plan(calls, finish)
+
+    def _feature_maps_plan(self, image: ImageLike, model: str, layers: Sequence[str] | None, version: int | None,
+                           as_png: bool) -> _Plan[FeatureMaps]:
+        data = encode_image(image)
+        if as_png:
+            body = {"model": model, "version": version, "layers": list(layers) if layers is not None else None,
+                    "image_b64": base64.b64encode(data).decode("ascii")}
+
+            def pngs(answers: list[Any]) -> FeatureMaps:
+                answer = answers[0]
+                return FeatureMaps(answer["model"], int(answer["version"]),
+                                   {name: base64.b64decode(png) for name, png in answer["png"].items()})
+
+            return _Plan([_Call(EXTENSIONS + "FeatureMapPngs", _json_bytes(body), json.loads)], pngs)
+
+        def predict(info: ModelInfo) -> _Plan[FeatureMaps]:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = info.name
+            request.model_spec.version.value = info.version
+            request.model_spec.signature_name = "feature_maps"
+            request.inputs[info.input_name].CopyFrom(to_tensor_proto([data]))
+            request.output_filter.extend(layers if layers is not None else info.default_layers)
+
+            def arrays(responses: list[Any]) -> FeatureMaps:
+                response = responses[0]
+                return FeatureMaps(response.model_spec.name, int(response.model_spec.version.value),
+                                   {name: to_ndarray(response.outputs[name])[0] for name in request.output_filter})
+
+            return _Plan([_Call(PREDICT, request, predict_pb2.PredictResponse.FromString)], arrays)
+
+        return self._with_info(model, version, predict)
+
+    def _models_plan(self) -> _Plan[list[ModelInfo]]:
+        def parse(data: bytes) -> list[ModelInfo]:
+            return [ModelInfo.from_dict(item) for item in json.loads(data)["models"]]
+
+        return _Plan([_Call(EXTENSIONS + "ListModels", b"{}", parse)], lambda answers: answers[0])
+
+    def _metadata_plan(self, model: str, version: int | None) -> _Plan[ModelInfo]:
+        return _Plan([self._describe_call(model, version)], lambda answers: answers[0])
+
+    def _health_plan(self) -> _Plan[Health]:
+        def finish(answers: list[Any]) -> Health:
+            ready = answers[0] == 1
+            return Health(live=True, ready=ready, detail="" if ready else "the service is not serving yet")
+
+        return _Plan([_Call(HEALTH_CHECK, _health_request(""), _health_status)], finish)
+
+    @staticmethod
+    def _serialize(request: Any) -> bytes:
+        return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+class GrpcClient(_GrpcApi):
+    """A synchronous client of cnnkit's gRPC API (TF Serving's protocol plus cnnkit's extensions).
+
+    ``credentials`` (``grpc.ssl_channel_credentials(...)``) makes a TLS channel; ``channel`` lets
+    tests or apps pass their own.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT, retry: Retry | None = None,
+                 max_images_per_request: int = 32, credentials: grpc.ChannelCredentials | None = None,
+                 channel: grpc.Channel | None = None):
+        super().__init__(target, api_key=api_key, timeout=timeout, retry=retry or Retry(),
+                         max_images_per_request=max_images_per_request)
+        if channel is not None:
+            self._channel = channel
+        elif credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=self._options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=self._options)
+
+    def __enter__(self) -> GrpcClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _send(self, call: _Call, timeout: float | None) -> Any:
+        method = self._channel.unary_unary(call.path, request_serializer=self._serialize,
+                                           response_deserializer=_raw)
+        waits = self.retry.waits()
+        while True:
+            try:
+                try:
+                    data = method(call.request, timeout=timeout or self.timeout, metadata=self._metadata)
+                except grpc.RpcError as error:
+                    raise _rpc_error(error, self.target) from error
+                return _parse(call, data)
+            except RETRIABLE:
+                wait = next(waits, None)
+                if wait is None:
+                    raise
+                time.sleep(wait)
+
+    def _run(self, plan: _Plan[T], timeout: float | None) -> T:
+        while True:
+            result = plan.finish([self._send(call, timeout) for call in plan.calls])
+            if not isinstance(result, _Plan):
+                return result
+            plan = result
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
+                top_k: int = 5, timeout: float | None = None) -> Any:
+        """The top-k classes of one image (a ``Prediction``) or of many (a list, in order)."""
+        return self._run(self._predict_plan(images, model, version, top_k), timeout)
+
+    def feature_maps(self, image: ImageLike, *, model: str, layers: Sequence[str] | None = None,
+                     version: int | None = None, as_png: bool = False, timeout: float | None = None) -> FeatureMaps:
+        return self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
+
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return self._run(self._models_plan(), timeout)
+
+    def metadata(self, model: str, *, version: int | None = None, timeout: float | None = None) -> ModelInfo:
+        return self._run(self._metadata_plan(model, version), timeout)
+
+    def health(self, *, timeout: float | None = None) -> Health:
+        return self._run(self._health_plan(), timeout)
+
+
+class AsyncGrpcClient(_GrpcApi):
+    """The ``grpc.aio`` twin of :class:`GrpcClient`: the same methods, awaited."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT, retry: Retry | None = None,
+                 max_images_per_request: int = 32, credentials: grpc.ChannelCredentials | None = None):
+        super().__init__(target, api_key=api_key, timeout=timeout, retry=retry or Retry(),
+                         max_images_per_request=max_images_per_request)
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+
+    def _get_channel(self) -> grpc.aio.Channel:
+        # Created on first use, inside the running event loop that will drive it.
+        if self._channel is None:
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        return self._channel
+
+    async def __aenter__(self) -> AsyncGrpcClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def _send(self, call: _Call, timeout: float | None) -> Any:
+        method = self._get_channel().unary_unary(call.path, request_serializer=self._serialize,
+                                                 response_deserializer=_raw)
+        waits = self.retry.waits()
+        while True:
+            try:
+                try:
+                    data = await method(call.request, timeout=timeout or self.timeout, metadata=self._metadata)
+                except grpc.RpcError as error:
+                    raise _rpc_error(error, self.target) from error
+                return _parse(call, data)
+            except RETRIABLE:
+                wait = next(waits, None)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+
+    async def _run(self, plan: _Plan[T], timeout: float | None) -> T:
+        while True:
+            answers = await asyncio.gather(*(self._send(call, timeout) for call in plan.calls))
+            result = plan.finish(list(answers))
+            if not isinstance(result, _Plan):
+                return result
+            plan = result
+
+    async def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
+                      top_k: int = 5, timeout: float | None = None) -> Any:
+        return await self._run(self._predict_plan(images, model, version, top_k), timeout)
+
+    async def feature_maps(self, image: ImageLike, *, model: str, layers: Sequence[str] | None = None,
+                           version: int | None = None, as_png: bool = False,
+                           timeout: float | None = None) -> FeatureMaps:
+        return await self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return await self._run(self._models_plan(), timeout)
+
+    async def metadata(self, model: str, *, version: int | None = None, timeout: float | None = None) -> ModelInfo:
+        return await self._run(self._metadata_plan(model, version), timeout)
+
+    async def health(self, *, timeout: float | None = None) -> Health:
+        return await self._run(self._health_plan(), timeout)
+
+
+def _parse(call: _Call, data: bytes) -> Any:
+    try:
+        return call.parse(data)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ServerError(f"Unexpected answer to {call.path}: {error}") from error
+

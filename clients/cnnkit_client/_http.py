@@ -1,0 +1,303 @@
+"""HTTP clients: ``Client`` (sync) and ``AsyncClient`` (asyncio), with the same methods.
+
+Each method is written once as a *plan*: the HTTP calls it needs and a function that turns their
+JSON answers into the typed result. The two classes only differ in how they send the calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from cnnkit_client.errors import (
+    RETRIABLE,
+    CnnkitError,
+    ConnectError,
+    RequestTimeoutError,
+    ServerError,
+    from_http_status,
+)
+from cnnkit_client.images import ImageLike, chunks, encode_image, encode_images
+from cnnkit_client.retry import Retry
+from cnnkit_client.types import FeatureMaps, Health, ModelInfo, Prediction, decode_array, predictions_from_rows
+
+DEFAULT_URL = "http://127.0.0.1:3000"
+DEFAULT_TIMEOUT = 30.0
+API_KEY_HEADER = "x-api-key"
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Call:
+    method: str
+    path: str
+    json: Any = None
+    params: dict[str, Any] | None = None
+    accept: tuple[int, ...] = (200,)  # statuses returned instead of raised
+    parse_json: bool = True
+
+
+@dataclass
+class _Answer:
+    status: int
+    data: Any
+
+
+@dataclass
+class _Plan(Generic[T]):
+    calls: list[_Call]
+    finish: Callable[[list[_Answer]], T]
+    concurrent: bool = field(default=True)
+
+
+def _model_path(model: str) -> str:
+    return quote(model, safe="")
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The server's message: ``{"error": ...}``, BentoML's ``[{"error": ...}]``, or the text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or response.reason_phrase
+    if isinstance(body, list) and body and isinstance(body[0], dict):
+        body = body[0]
+    if isinstance(body, dict):
+        for key in ("error", "message", "detail"):
+            if body.get(key):
+                return str(body[key])
+    return response.text.strip() or response.reason_phrase
+
+
+def _to_answer(response: httpx.Response, call: _Call) -> _Answer:
+    if response.status_code in call.accept:
+        if not call.parse_json:
+            return _Answer(response.status_code, response.text)
+        try:
+            data = response.json() if response.content else None
+        except ValueError as error:
+            raise ServerError(f"The server answered {call.path} with something that is not JSON.",
+                              status=response.status_code) from error
+        return _Answer(response.status_code, data)
+    raise from_http_status(response.status_code, _error_message(response))
+
+
+def _transport_error(error: httpx.HTTPError, url: str) -> CnnkitError:
+    if isinstance(error, httpx.TimeoutException) and not isinstance(error, httpx.ConnectTimeout):
+        return RequestTimeoutError(f"No answer from {url} in time: {error.__class__.__name__}.")
+    return ConnectError(f"Cannot reach {url}: {error or error.__class__.__name__}.")
+
+
+class _Api:
+    """Request building and answer parsing shared by ``Client`` and ``AsyncClient``."""
+
+    def __init__(self, url: str, *, api_key: str | None, timeout: float | None, retry: Retry,
+                 max_images_per_request: int):
+        if max_images_per_request < 1:
+            raise ValueError("max_images_per_request must be at least 1.")
+        self.url = url.rstrip("/")
+        self.retry = retry
+        self.max_images_per_request = max_images_per_request
+        self._headers = {API_KEY_HEADER: api_key} if api_key else {}
+        self._timeout = timeout
+
+    def _predict_plan(self, images: ImageLike | Sequence[ImageLike], model: str, version: int | None,
+                      top_k: int) -> _Plan[Prediction | list[Prediction]]:
+        encoded, single = encode_images(images)
+        calls = [_Call("POST", "/predict_json", json={
+            "model": model, "version": version, "top_k": top_k,
+            "images": [base64.b64encode(data).decode("ascii") for data in chunk]})
+            for chunk in chunks(encoded, self.max_images_per_request)]
+
+        def finish(answers: list[_Answer]) -> Prediction | list[Prediction]:
+            predictions = [prediction for answer in answers for prediction in predictions_from_rows(
+                answer.data["model"], answer.data["version"], answer.data["predictions"])]
+            return predictions[0] if single else predictions
+
+        return _Plan(calls, finish)
+
+    def _feature_maps_plan(self, image: ImageLike, model: str, layers: Sequence[str] | None, version: int | None,
+                           as_png: bool) -> _Plan[FeatureMaps]:
+        call = _Call("POST", "/feature_maps_json", json={
+            "image_b64": base64.b64encode(encode_image(image)).decode("ascii"), "model": model,
+            "layers": list(layers) if layers is not None else None, "version": version,
+            "output": "png" if as_png else "array", "dtype": "float32"})
+
+        def finish(answers: list[_Answer]) -> FeatureMaps:
+            data = answers[0].data
+            if as_png:
+                maps: dict[str, Any] = {name: base64.b64decode(png) for name, png in data["png"].items()}
+            else:
+                maps = {name: decode_array(encoded) for name, encoded in data["layers"].items()}
+            return FeatureMaps(data["model"], int(data["version"]), maps)
+
+        return _Plan([call], finish)
+
+    def _models_plan(self) -> _Plan[list[ModelInfo]]:
+        return _Plan([_Call("GET", "/models/")],
+                     lambda answers: [ModelInfo.from_dict(item) for item in answers[0].data["models"]])
+
+    def _metadata_plan(self, model: str, version: int | None) -> _Plan[ModelInfo]:
+        params = {"version": version} if version is not None else None
+        return _Plan([_Call("GET", f"/models/{_model_path(model)}", params=params)],
+                     lambda answers: ModelInfo.from_dict(answers[0].data))
+
+    def _health_plan(self) -> _Plan[Health]:
+        calls = [_Call("GET", path, accept=(200, 503), parse_json=False) for path in ("/livez", "/readyz")]
+
+        def finish(answers: list[_Answer]) -> Health:
+            live, ready = (answer.status == 200 for answer in answers)
+            detail = "" if ready else "the service is starting or has no models loaded"
+            return Health(live=live, ready=ready, detail=detail)
+
+        return _Plan(calls, finish, concurrent=False)
+
+    def _request_kwargs(self, call: _Call, timeout: float | None) -> dict[str, Any]:
+        params = {key: value for key, value in (call.params or {}).items() if value is not None}
+        kwargs: dict[str, Any] = {"params": params or None}
+        if call.json is not None:
+            kwargs["json"] = {key: value for key, value in call.json.items() if value is not None}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        return kwargs
+
+
+class Client(_Api):
+    """A synchronous client of the cnnkit HTTP API.
+
+    >>> with Client("http://127.0.0.1:3000") as client:          # doctest: +SKIP
+    ...     client.predict("seven.png", model="digits").label
+    '7'
+
+    ``transport`` is handed to ``httpx.Client`` (e.g. ``httpx.MockTransport`` in tests).
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+                 retry: Retry | None = None, max_images_per_request: int = 32,
+                 transport: httpx.BaseTransport | None = None):
+        super().__init__(url, api_key=api_key, timeout=timeout, retry=retry or Retry(),
+                         max_images_per_request=max_images_per_request)
+        self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call, timeout: float | None) -> _Answer:
+        waits = self.retry.waits()
+        while True:
+            try:
+                try:
+                    response = self._http.request(call.method, call.path, **self._request_kwargs(call, timeout))
+                except httpx.HTTPError as error:
+                    raise _transport_error(error, self.url + call.path) from error
+                return _to_answer(response, call)
+            except RETRIABLE:
+                wait = next(waits, None)
+                if wait is None:
+                    raise
+                time.sleep(wait)
+
+    def _run(self, plan: _Plan[T], timeout: float | None) -> T:
+        return plan.finish([self._send(call, timeout) for call in plan.calls])
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
+                top_k: int = 5, timeout: float | None = None) -> Any:
+        """The top-k classes of one image (a ``Prediction``) or of many (a list, in order).
+
+        An image is a path, file bytes, a PIL image or a uint8 numpy array; a list, a tuple or a
+        4-D array is many. Batches larger than ``max_images_per_request`` are split.
+        """
+        return self._run(self._predict_plan(images, model, version, top_k), timeout)
+
+    def feature_maps(self, image: ImageLike, *, model: str, layers: Sequence[str] | None = None,
+                     version: int | None = None, as_png: bool = False, timeout: float | None = None) -> FeatureMaps:
+        """Activations of the named layers (default: every convolution) for one image, or PNG grids."""
+        return self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
+
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the service serves (its latest version)."""
+        return self._run(self._models_plan(), timeout)
+
+    def metadata(self, model: str, *, version: int | None = None, timeout: float | None = None) -> ModelInfo:
+        return self._run(self._metadata_plan(model, version), timeout)
+
+    def health(self, *, timeout: float | None = None) -> Health:
+        """Liveness and readiness; raises ``ConnectError`` when nothing answers."""
+        return self._run(self._health_plan(), timeout)
+
+
+class AsyncClient(_Api):
+    """The asyncio twin of :class:`Client`: the same methods, awaited. Batches split into several
+    requests are sent concurrently."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+                 retry: Retry | None = None, max_images_per_request: int = 32,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        super().__init__(url, api_key=api_key, timeout=timeout, retry=retry or Retry(),
+                         max_images_per_request=max_images_per_request)
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=timeout,
+                                       transport=transport)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call, timeout: float | None) -> _Answer:
+        waits = self.retry.waits()
+        while True:
+            try:
+                try:
+                    response = await self._http.request(call.method, call.path,
+                                                        **self._request_kwargs(call, timeout))
+                except httpx.HTTPError as error:
+                    raise _transport_error(error, self.url + call.path) from error
+                return _to_answer(response, call)
+            except RETRIABLE:
+                wait = next(waits, None)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+
+    async def _run(self, plan: _Plan[T], timeout: float | None) -> T:
+        if plan.concurrent:
+            answers = list(await asyncio.gather(*(self._send(call, timeout) for call in plan.calls)))
+        else:
+            answers = [await self._send(call, timeout) for call in plan.calls]
+        return plan.finish(answers)
+
+    async def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
+                      top_k: int = 5, timeout: float | None = None) -> Any:
+        return await self._run(self._predict_plan(images, model, version, top_k), timeout)
+
+    async def feature_maps(self, image: ImageLike, *, model: str, layers: Sequence[str] | None = None,
+                           version: int | None = None, as_png: bool = False,
+                           timeout: float | None = None) -> FeatureMaps:
+        return await self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return await self._run(self._models_plan(), timeout)
+
+    async def metadata(self, model: str, *, version: int | None = None, timeout: float | None = None) -> ModelInfo:
+        return await self._run(self._metadata_plan(model, version), timeout)
+
+    async def health(self, *, timeout: float | None = None) -> Health:
+        return await self._run(self._health_plan(), timeout)

@@ -1,0 +1,1 @@
+"""TF-Serving-compatible protos without TensorFlow (generated; see NOTES.md / regen.sh)."""
