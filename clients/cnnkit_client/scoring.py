@@ -190,9 +190,9 @@ def _score_batch(predictor: Predictor, root: Path, paths: list[Path], model: str
         return [Row.of(name, prediction) for name, prediction in zip(names, predictions, strict=True)]
     except (ConnectError, NotFoundError):
         raise  # the service or the model is missing: not a per-file problem
-    except CnnkitError:
+    except CnnkitError as error:
         if len(paths) == 1:
-            raise
+            return [_error_row(names[0], model, error)]
     rows = []
     for path, name in zip(paths, names, strict=True):
         try:
@@ -200,9 +200,12 @@ def _score_batch(predictor: Predictor, root: Path, paths: list[Path], model: str
         except (ConnectError, NotFoundError):
             raise
         except CnnkitError as error:
-            rows.append(Row(name, model=model, error=error.message,
-                            transient=not isinstance(error, PERMANENT_ERRORS)))
+            rows.append(_error_row(name, model, error))
     return rows
+
+
+def _error_row(name: str, model: str, error: CnnkitError) -> Row:
+    return Row(name, model=model, error=error.message, transient=not isinstance(error, PERMANENT_ERRORS))
 
 
 def score_folder(predictor: Predictor, root: Path, out: Path, *, model: str, top_k: int = 5,
