@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up, prepare the data root, train and evaluate the default digits model,
 # export it (SavedModel + ONNX, verified) into the model repository, start the service and call
-# it over HTTP and gRPC with real test digits.
+# it over HTTP and gRPC with real test digits (raw requests, then the SDK), and score a folder.
 # Usage: scripts/main.sh [RUN_DIR]   (default runs/main-mnist_convnet; repository
 # $CNNKIT_MODEL_REPOSITORY, else model_repository/; ports $CNNKIT_HTTP_PORT/$CNNKIT_GRPC_PORT,
 # else 3000 and 8500)
@@ -33,5 +33,10 @@ for _ in $(seq 1 240); do
     if ! kill -0 "$service_pid" 2>/dev/null; then echo "The service exited:"; tail -20 runs/main-service.log; exit 1; fi
     sleep 1
 done
+rm -rf runs/main-digits
 .venv/bin/python scripts/smoke_service.py --model digits --http "http://127.0.0.1:$http_port" \
-    --grpc "127.0.0.1:$grpc_port"
+    --grpc "127.0.0.1:$grpc_port" --save-images runs/main-digits
+# Batch scoring with the SDK: the same test digits as image files, over gRPC, into a CSV.
+rm -f runs/main-scores.csv
+.venv/bin/cnnkit score runs/main-digits --model digits --grpc "127.0.0.1:$grpc_port" --out runs/main-scores.csv \
+    --no-progress

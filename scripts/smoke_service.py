@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc", default="127.0.0.1:8500")
     parser.add_argument("--images", type=int, default=200, help="test digits sent over gRPC")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--save-images", metavar="DIR", help="also write the test digits as PNGs into DIR/LABEL/")
     args = parser.parse_args(argv)
 
     import httpx
@@ -82,6 +83,27 @@ def main(argv: list[str] | None = None) -> int:
           f"version {response.model_spec.version.value}")
     if accuracy < 0.5:
         problems.append(f"gRPC accuracy {accuracy:.2f} is near chance")
+
+    # The Python SDK (cnnkit_client), as an app would call the service: both protocols must agree.
+    from cnnkit_client import Client, GrpcClient
+
+    with Client(args.http) as http_client, GrpcClient(args.grpc) as grpc_client:
+        over_http = http_client.predict(list(images[:32]), model=args.model, top_k=1)
+        over_grpc = grpc_client.predict(list(images[:32]), model=args.model, top_k=1)
+        maps = grpc_client.feature_maps(images[0], model=args.model)
+    sdk_accuracy = float(np.mean([p.label == dataset.class_names[y] for p, y in zip(over_http, labels, strict=False)]))
+    print(f"SDK   Client + GrpcClient  32 digits: accuracy {sdk_accuracy * 100:.1f}%, protocols agree: "
+          f"{[p.label for p in over_http] == [p.label for p in over_grpc]}; feature maps "
+          + ", ".join(f"{name} {value.shape}" for name, value in maps.items()))
+    if [p.label for p in over_http] != [p.label for p in over_grpc]:
+        problems.append("the SDK's HTTP and gRPC answers disagree")
+    if args.save_images:
+        from pathlib import Path
+
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = Path(args.save_images) / dataset.class_names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[..., 0]).save(folder / f"test{index:05d}.png")
     for problem in problems:
         print(f"smoke test failed: {problem}", file=sys.stderr)
     return 1 if problems else 0
