@@ -78,7 +78,7 @@ def numpy_dtype(dtype: int) -> np.dtype:
 def data_type(dtype: Any) -> int:
     """The DataType enum value for a numpy dtype (or anything np.dtype accepts)."""
     dt = np.dtype(dtype)
-    if dt.kind in "SUO":
+    if dt.kind in "SUOT":  # T: numpy 2's StringDType
         return types_pb2.DT_STRING
     try:
         return _NP_TO_DT[dt.newbyteorder("=")]
@@ -109,9 +109,24 @@ def to_tensor_proto(values: Any, dtype: Any = None, *, use_tensor_content: bool 
     if isinstance(dtype, int) and not isinstance(dtype, bool):
         dtype = numpy_dtype(dtype)
     arr = np.asarray(values) if dtype is None else np.asarray(values, dtype=dtype)
-    if arr.dtype.kind in "SU" and not isinstance(values, np.ndarray):
+    if dtype is None and not isinstance(values, (np.ndarray, np.generic)):
+        # Python numbers follow tf.make_tensor_proto: float32 and int32, not numpy's 64-bit defaults.
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        elif arr.dtype == np.int64 and arr.size and np.iinfo(np.int32).min <= arr.min() <= arr.max() <= np.iinfo(
+                np.int32).max:
+            arr = arr.astype(np.int32)
+    if arr.dtype.kind in "SUT" and not isinstance(values, np.ndarray):
         # keep the exact bytes: numpy's "S" dtype drops trailing NULs
         arr = np.asarray(values, dtype=object)
+    elif arr.dtype.kind == "T":
+        arr = arr.astype(object)
+    if arr.dtype == object and arr.size and not all(isinstance(x, (str, bytes, bytearray, memoryview, np.bytes_))
+                                                    for x in arr.ravel()):
+        try:  # an object array of numbers is numbers, not strings
+            arr = arr.astype(np.result_type(*arr.ravel()))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"cannot build a tensor from a mix of strings and other objects: {error}") from None
     enum = data_type(arr.dtype)
     proto = TensorProto(tensor_shape=tensor_shape(arr.shape))
     proto.dtype = enum  # type: ignore[assignment]  # the stubs type enums as the enum class, not int
@@ -133,6 +148,8 @@ def to_tensor_proto(values: Any, dtype: Any = None, *, use_tensor_content: bool 
 
 def to_ndarray(proto: Any) -> np.ndarray:
     """Read a TensorProto (ours, or any message with the same fields) into a new numpy array."""
+    if proto.tensor_shape.unknown_rank:
+        raise ValueError("tensor has an unknown rank")
     shape = tuple(d.size for d in proto.tensor_shape.dim)
     if any(s < 0 for s in shape):
         raise ValueError(f"tensor has an unknown dimension: {shape}")
@@ -147,6 +164,8 @@ def to_ndarray(proto: Any) -> np.ndarray:
         if proto.tensor_content:
             raise ValueError("DT_STRING tensor with tensor_content is not supported (expected string_val)")
         vals = list(proto.string_val)
+        if len(vals) > num:
+            raise ValueError(f"{len(vals)} strings for shape {shape}")
         if len(vals) < num:
             vals.extend([vals[-1] if vals else b""] * (num - len(vals)))
         out = np.empty(len(vals), dtype=object)
