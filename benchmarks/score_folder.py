@@ -86,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                     if time.perf_counter() - started > args.baseline_seconds:
                         break
                 results.append(("sequential loop, 1 image per request (HTTP)", done, time.perf_counter() - started))
-            for label, predictor in (("cnnkit score --url (HTTP)", Client(service.url, timeout=120)),
-                                     ("cnnkit score --grpc", GrpcClient(service.grpc_target, timeout=120))):
+            for label, name, predictor in (
+                    ("cnnkit score --url (HTTP)", "http", Client(service.url, timeout=120)),
+                    ("cnnkit score --grpc", "grpc", GrpcClient(service.grpc_target, timeout=120))):
                 with predictor:
-                    out = workdir / f"{label.split()[2]}.csv"
+                    out = workdir / f"{name}.csv"
                     summary = score_folder(predictor, folder, out, model=model, concurrency=args.concurrency,
                                            batch_size=args.batch_size, progress=False)
                 results.append((label, summary.scored + summary.errors, summary.seconds))

@@ -14,6 +14,7 @@ TF-Serving REST compatibility (https://www.tensorflow.org/tfx/serving/api_rest):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -127,7 +128,7 @@ async def _predict(request: Request, core: InferenceCore, model: LoadedModel) ->
     body = await read_json(request, core.limits.max_body_bytes)
     signature = body.get("signature_name", "serving_default") if isinstance(body, dict) else ""
     outputs = model.signature_outputs(signature)
-    images, row_format = tf_request_images(body, model, core)
+    images, row_format = await asyncio.to_thread(tf_request_images, body, model, core)  # decoding off the loop
     if outputs == ["probabilities", "top_class"]:
         results = await core.batcher(model).submit(images)
         probabilities = results["probabilities"]

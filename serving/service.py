@@ -14,6 +14,7 @@ The class stays thin: decoding, validation and top-k live in :mod:`serving.input
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -137,7 +138,9 @@ class Classifier:
         """Classify one uploaded image file (multipart): the top-k classes with probabilities."""
         try:
             served = self.core.model(model, version)
-            pixels = decode_image(image.read_bytes(), served.input_shape, self.core.limits)
+            # Decoding runs in a worker thread (Pillow releases the GIL): in the event loop it
+            # would decode every concurrent request's images one after the other.
+            pixels = await asyncio.to_thread(decode_image, image.read_bytes(), served.input_shape, self.core.limits)
             result = await self.core.classify(served, pixels[None].astype("float32"), top_k)
             return result.to_dict()
         except ServingError as error:
@@ -154,8 +157,8 @@ class Classifier:
                 raise InvalidInputError("Send exactly one of 'images' (base64 files) or 'instances' (pixels).")
             if images is not None:
                 check_count(len(images), self.core.limits)  # before decoding any base64
-                batch = decode_images([decode_base64(text) for text in images], served.input_shape,
-                                      self.core.limits)
+                batch = await asyncio.to_thread(decode_images, [decode_base64(text) for text in images],
+                                                served.input_shape, self.core.limits)
             else:
                 batch = tensor_from_json(instances, served.input_shape, self.core.limits)
             return (await self.core.classify(served, batch, top_k)).to_dict()

@@ -123,10 +123,10 @@ def to_tensor_proto(values: Any, dtype: Any = None, *, use_tensor_content: bool 
         arr = arr.astype(object)
     if arr.dtype == object and arr.size and not all(isinstance(x, (str, bytes, bytearray, memoryview, np.bytes_))
                                                     for x in arr.ravel()):
-        try:  # an object array of numbers is numbers, not strings
-            arr = arr.astype(np.result_type(*arr.ravel()))
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"cannot build a tensor from a mix of strings and other objects: {error}") from None
+        numbers = np.array(arr.tolist())  # an object array of numbers is numbers, not strings
+        if numbers.dtype.kind not in "biufc" or numbers.shape != arr.shape:
+            raise TypeError("cannot build a tensor from a mix of strings and other objects")
+        arr = numbers
     enum = data_type(arr.dtype)
     proto = TensorProto(tensor_shape=tensor_shape(arr.shape))
     proto.dtype = enum  # type: ignore[assignment]  # the stubs type enums as the enum class, not int
