@@ -10,6 +10,7 @@
     cnnkit serve [--repository DIR]             the service: HTTP on 3000, gRPC on 8500
     cnnkit results [RUNS_ROOT]                  a Markdown table of finished and running runs
     cnnkit score DIR --model NAME [--url|--grpc|--local]   score an image folder into CSV/JSONL
+    cnnkit loadtest [--url URL | --start] [--grpc T]        locust at several concurrencies, with a report
 
 Errors a user can fix print one clear message and exit with status 2.
 """
@@ -210,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     scoring.add_arguments(score)
     score.set_defaults(func=scoring.run)
+
+    loadtest = commands.add_parser("loadtest", help="load-test the service with locust (HTTP and gRPC), with a report")
+    from loadtests import runner as loadtest_runner
+
+    loadtest_runner.add_arguments(loadtest)
+    loadtest.set_defaults(func=loadtest_runner.run)
 
     results = commands.add_parser("results", help="a Markdown table of the runs in a folder")
     results.add_argument("runs_root", nargs="?", default="runs")
