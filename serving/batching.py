@@ -2,10 +2,11 @@
 
 Each model version gets a :class:`MicroBatcher`. A request submits its (already validated) images
 and awaits its slice of the result. A worker task takes whatever has queued up, up to
-``max_batch_size`` images, waiting at most ``max_wait_ms`` for more after the first arrives, and
-runs the batch in a thread. Under light load a request waits at most ``max_wait_ms``; under heavy
-load batches fill up at once, so throughput grows instead of requests being refused. Nothing is
-ever answered 503: the queue is bounded only by the service's concurrency limit.
+``max_batch_size`` images, and runs the batch in a thread; requests that arrive meanwhile queue and
+form the next batch. So a lone request runs at once (no added latency), and under load batches
+grow by themselves, so throughput grows instead of requests being refused. ``max_wait_ms`` (default
+0) makes the worker also wait that long for company after the first request. Nothing is ever
+answered 503: the queue is bounded only by the service's concurrency limit.
 
 Requests are validated before they are queued, so one caller's bad input never fails another
 caller's batch.
@@ -43,7 +44,7 @@ class MicroBatcher:
     """Merge concurrent calls of ``infer(images) -> outputs`` (arrays with a leading batch axis)."""
 
     def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
-                 max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None):
+                 max_wait_ms: float = 0.0, on_batch: Callable[[int], None] | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1.")
         self.infer = infer

@@ -8,6 +8,7 @@ and the metrics.
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,10 +68,13 @@ class Classification:
 
 class InferenceCore:
     def __init__(self, store: ModelStore, *, limits: InputLimits = DEFAULT_LIMITS,
-                 max_batch_size: int = 64, max_wait_ms: float = 5.0):
+                 max_batch_size: int = 64, max_wait_ms: float | None = None):
         self.store = store
         self.limits = limits
         self.max_batch_size = max_batch_size
+        # Natural batching by default (see serving.batching); CNNKIT_BATCH_WAIT_MS trades latency for batch size.
+        if max_wait_ms is None:
+            max_wait_ms = float(os.environ.get("CNNKIT_BATCH_WAIT_MS", "0"))
         self.max_wait_ms = max_wait_ms
         self._batchers: dict[tuple[str, int], MicroBatcher] = {}
 

@@ -51,6 +51,26 @@ def test_a_lone_request_waits_at_most_the_window():
     assert calls == [1] and elapsed < 1.0
 
 
+def test_without_a_wait_a_lone_request_runs_at_once_and_requests_queued_meanwhile_share_a_batch():
+    sizes = []
+
+    def slow(images):
+        time.sleep(0.05)  # while this batch runs, the other requests queue up
+        sizes.append(len(images))
+        return {"x": images}
+
+    batcher = MicroBatcher(slow, max_wait_ms=0)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 1))))
+        await asyncio.sleep(0.01)  # the first batch (one image) is running now
+        await asyncio.gather(*(batcher.submit(np.zeros((1, 1))) for _ in range(9)))
+        await first
+
+    asyncio.run(main())
+    assert sizes == [1, 9]
+
+
 def test_requests_larger_than_a_batch_run_alone():
     calls: list[int] = []
     batcher = MicroBatcher(doubling(calls), max_batch_size=4)

@@ -1,0 +1,245 @@
+"""Serving benchmarks: cnnkit against the in-process limit and against a naive BentoML service.
+
+For one trained run (default ``runs/mnist_convnet``), in one process, on one machine:
+
+1. the limit: in-process ONNX Runtime images/s at the best batch size, and its latency for one image;
+2. cnnkit (``cnnkit serve``): single-image requests from 64 concurrent clients over HTTP
+   (``POST /predict``, multipart) and gRPC (the SDK's ``AsyncGrpcClient``), and from one client;
+3. the naive BentoML service (``benchmarks/naive_bentoml_service.py``: Keras ``model.predict`` per
+   request, no batching) under the same HTTP load.
+
+Prints throughput and p50/p99 latency of each, and the ratios the project targets: cnnkit/naive
+throughput at equal concurrency (>= 5x), cnnkit gRPC/limit at 64 clients (>= 50%), and the serving
+overhead at concurrency 1 (cnnkit p50 minus in-process latency, <= 3 ms). ``--soak`` also sends
+50,000 requests from 32 clients and reports the server's resident memory before and after.
+
+    python benchmarks/serving_throughput.py [--run runs/mnist_convnet] [--seconds 20] [--soak]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@dataclass
+class Measured:
+    label: str
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, share: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
+
+
+async def _drive(call, clients: int, seconds: float | None, total: int | None, label: str) -> Measured:
+    """``clients`` concurrent loops calling ``call()`` until ``seconds`` pass or ``total`` calls are made."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    started = time.perf_counter()
+    deadline = started + seconds if seconds else float("inf")
+
+    async def loop() -> None:
+        nonlocal errors, issued
+        while time.perf_counter() < deadline and (total is None or issued < total):
+            issued += 1
+            began = time.perf_counter()
+            try:
+                await call()
+                latencies.append((time.perf_counter() - began) * 1000)
+            except Exception:  # noqa: BLE001 - counted, not fatal
+                errors += 1
+
+    await asyncio.gather(*(loop() for _ in range(clients)))
+    return Measured(label, len(latencies), errors, time.perf_counter() - started, latencies)
+
+
+def http_load(url: str, path: str, files: dict, data: dict, clients: int, seconds: float | None,
+              total: int | None, label: str) -> Measured:
+    import httpx
+
+    async def main() -> Measured:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            async def call() -> None:
+                response = await client.post(path, files=files, data=data)
+                response.raise_for_status()
+
+            await call()  # warm-up
+            return await _drive(call, clients, seconds, total, label)
+
+    return asyncio.run(main())
+
+
+def grpc_load(target: str, image: bytes, model: str, clients: int, seconds: float, label: str) -> Measured:
+    from cnnkit_client import AsyncGrpcClient
+
+    async def main() -> Measured:
+        async with AsyncGrpcClient(target) as client:
+            async def call() -> None:
+                await client.predict(image, model=model, top_k=1)
+
+            await call()
+            return await _drive(call, clients, seconds, None, label)
+
+    return asyncio.run(main())
+
+
+def in_process_limit(repository: Path, model: str, seconds: float) -> tuple[int, float, float]:
+    """(best batch size, images/s at it, p50 ms of one image) with the service's ONNX Runtime session."""
+    import numpy as np
+
+    from serving.model_store import ModelStore
+
+    store = ModelStore(repository)
+    store.refresh()
+    served = store.get(model)
+    rng = np.random.default_rng(0)
+    best = (1, 0.0)
+    single: list[float] = []
+    for batch in (1, 8, 32, 64, 128):
+        images = rng.integers(0, 256, (batch, *served.input_shape)).astype(np.float32)
+        served.predict(images)
+        started, count = time.perf_counter(), 0
+        while time.perf_counter() - started < seconds / 5:
+            began = time.perf_counter()
+            served.predict(images)
+            if batch == 1:
+                single.append((time.perf_counter() - began) * 1000)
+            count += batch
+        rate = count / (time.perf_counter() - started)
+        if rate > best[1]:
+            best = (batch, rate)
+    return best[0], best[1], statistics.median(single)
+
+
+def service_memory_mb(pid: int) -> float:
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(process.memory_info().rss for process in [root, *root.children(recursive=True)]) / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default="runs/mnist_convnet", help="a finished training run")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--soak", action="store_true", help="also 50,000 requests from 32 clients")
+    parser.add_argument("--soak-requests", type=int, default=50_000)
+    args = parser.parse_args(argv)
+
+    from PIL import Image
+
+    from serving.process import ServiceProcess, free_port
+    from training.export import export_run
+
+    workdir = Path(tempfile.mkdtemp(prefix="cnnkit-serving-bench-"))
+    try:
+        run_dir = Path(args.run)
+        repository = workdir / "model_repository"
+        export_run(run_dir, name=args.model, repository=repository, check_accuracy=False)
+        metadata = json.loads(next(repository.glob(f"{args.model}/*/assets.extra/metadata.json")).read_text())
+        height, width, channels = metadata["input"]["shape"]
+        buffer = io.BytesIO()
+        Image.new("L" if channels == 1 else "RGB", (width, height), 128).save(buffer, format="PNG")
+        image = buffer.getvalue()
+        files = {"image": ("image.png", image, "image/png")}
+
+        batch, limit, single_ms = in_process_limit(repository, args.model, args.seconds)
+        print(f"in-process ONNX Runtime: {limit:,.0f} images/s at batch {batch}; one image {single_ms:.2f} ms")
+        results: list[Measured] = []
+        with ServiceProcess(repository, workdir) as service:
+            memory_start = service_memory_mb(service.pid)
+            one = http_load(service.url, "/predict", files, {"model": args.model}, 1, args.seconds, None,
+                            "cnnkit HTTP, 1 client")
+            grpc_one = grpc_load(service.grpc_target, image, args.model, 1, args.seconds, "cnnkit gRPC, 1 client")
+            http_many = http_load(service.url, "/predict", files, {"model": args.model}, args.clients,
+                                  args.seconds, None, f"cnnkit HTTP, {args.clients} clients")
+            grpc_many = grpc_load(service.grpc_target, image, args.model, args.clients, args.seconds,
+                                  f"cnnkit gRPC, {args.clients} clients")
+            results += [one, grpc_one, http_many, grpc_many]
+            if args.soak:
+                memory_before = service_memory_mb(service.pid)
+                soak = http_load(service.url, "/predict", files, {"model": args.model}, 32, None,
+                                 args.soak_requests, "soak: cnnkit HTTP, 32 clients")
+                results.append(soak)
+                memory_after = service_memory_mb(service.pid)
+            memory_end = service_memory_mb(service.pid)
+
+        naive_port = free_port()
+        environment = dict(os.environ, NAIVE_KERAS_MODEL=str((run_dir / "model.keras").resolve()),
+                           NAIVE_CLASS_NAMES=json.dumps(metadata["class_names"]), BENTOML_DO_NOT_TRACK="True",
+                           BENTOML_HOME=str(workdir / "bentoml-naive"))
+        bentoml_bin = Path(sys.executable).with_name("bentoml")
+        with open(workdir / "naive.log", "wb") as log:
+            naive = subprocess.Popen([str(bentoml_bin), "serve", "benchmarks.naive_bentoml_service:NaiveClassifier",
+                                      "--port", str(naive_port), "--host", "127.0.0.1"],
+                                     cwd=Path(__file__).resolve().parents[1], env=environment, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            import httpx
+
+            naive_url = f"http://127.0.0.1:{naive_port}"
+            for _ in range(240):
+                try:
+                    if httpx.get(f"{naive_url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if naive.poll() is not None:
+                    raise RuntimeError((workdir / "naive.log").read_text()[-2000:])
+                time.sleep(0.5)
+            naive_one = http_load(naive_url, "/classify", files, {}, 1, args.seconds, None, "naive BentoML, 1 client")
+            naive_many = http_load(naive_url, "/classify", files, {}, args.clients, args.seconds, None,
+                                   f"naive BentoML, {args.clients} clients")
+            results += [naive_one, naive_many]
+        finally:
+            os.killpg(naive.pid, 15)
+            naive.wait(timeout=30)
+
+        print(f"\n{'':34s} {'requests':>9s} {'errors':>7s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s}")
+        for result in results:
+            print(f"{result.label:34s} {result.requests:9,d} {result.errors:7d} {result.rate:8.1f} "
+                  f"{result.percentile(0.5):7.2f} {result.percentile(0.99):7.2f}")
+        print(f"\ncnnkit HTTP / naive, {args.clients} clients: {http_many.rate / naive_many.rate:.1f}x (target >= 5x)")
+        print(f"cnnkit gRPC / naive, {args.clients} clients: {grpc_many.rate / naive_many.rate:.1f}x")
+        print(f"cnnkit gRPC / in-process limit, {args.clients} clients: {grpc_many.rate / limit:.0%} (target >= 50%)")
+        print(f"cnnkit HTTP / in-process limit, {args.clients} clients: {http_many.rate / limit:.0%}")
+        print(f"serving overhead at 1 client (p50 - in-process {single_ms:.2f} ms): HTTP "
+              f"{one.percentile(0.5) - single_ms:.2f} ms, gRPC {grpc_one.percentile(0.5) - single_ms:.2f} ms "
+              f"(target <= 3 ms)")
+        print(f"server memory: {memory_start:.0f} MB at start, {memory_end:.0f} MB at the end")
+        if args.soak:
+            print(f"soak: {soak.requests:,} requests, {soak.errors} errors, memory {memory_before:.0f} -> "
+                  f"{memory_after:.0f} MB ({memory_after - memory_before:+.0f} MB; target < 50 MB)")
+        print(f"{os.cpu_count()} CPUs; client and server share them")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
