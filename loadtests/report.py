@@ -149,6 +149,7 @@ def _user_ticks(axis: Any, results: list[LevelResult]) -> None:
 def _save(figure: Any, path: Path) -> Path:
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
         figure.savefig(handle, format="png")
+    os.chmod(handle.name, 0o644)
     os.replace(handle.name, path)
     return path
 
@@ -156,6 +157,7 @@ def _save(figure: Any, path: Path) -> Path:
 def _atomic_text(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as handle:
         handle.write(text)
+    os.chmod(handle.name, 0o644)
     os.replace(handle.name, path)
 
 

@@ -255,6 +255,7 @@ def run_loadtest(*, url: str, grpc_target: str | None, model: str, levels: list[
                   f"batch {result.mean_batch_size or 0:.1f}", flush=True)
     info = {"model": model, "version": described.get("version"), "providers": described.get("providers"),
             "duration per level": f"{seconds:.0f} s", "cpus": os.cpu_count(),
+            "command": " ".join(["cnnkit loadtest", *sys.argv[2:]]) if sys.argv[1:2] == ["loadtest"] else None,
             "feature-map share": f"{feature_map_weight}/{19 + feature_map_weight} of HTTP calls",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **(meta or {})}
     write_report(results, report, info)
