@@ -10,9 +10,11 @@ Importing ``tensorflow_serving.apis`` imports TensorFlow (for its protos); only 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from typing import Any
@@ -33,7 +35,7 @@ from serving.inputs import (
     decode_images,
 )
 from serving.middleware import key_matches, presented_key
-from serving.model_store import LoadedModel, ModelStore
+from serving.model_store import PREDICT_OUTPUTS, LoadedModel, ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +132,52 @@ def _rpc(endpoint: str) -> Callable:
     return decorate
 
 
+class BatchBridge:
+    """Micro-batching for the gRPC threads: an event loop of its own runs the batchers of an
+    ``InferenceCore`` (its own, as batchers belong to one loop), and each gRPC thread waits for its
+    rows. Concurrent Predict/Classify calls for one model version thus share ONNX Runtime calls."""
+
+    def __init__(self, core: InferenceCore):
+        self.core = core
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="cnnkit-grpc-batching", daemon=True)
+        self.thread.start()
+
+    def probabilities(self, model: LoadedModel, images: np.ndarray) -> np.ndarray:
+        async def submit() -> np.ndarray:
+            return (await self.core.batcher(model).submit(images))["probabilities"]
+
+        return asyncio.run_coroutine_threadsafe(submit(), self.loop).result()
+
+    def close(self) -> None:
+        """Stop the batchers and the loop (the gRPC server must not take calls any more)."""
+
+        async def finish() -> None:
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.loop.shutdown_default_executor()
+
+        asyncio.run_coroutine_threadsafe(finish(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
 class PredictionService:
     """The servicer; built lazily so importing this module does not import TensorFlow."""
 
-    def __init__(self, store: ModelStore, limits: InputLimits = DEFAULT_LIMITS):
+    def __init__(self, store: ModelStore, limits: InputLimits = DEFAULT_LIMITS, batching: BatchBridge | None = None):
         self.store = store
         self.limits = limits
+        self.batching = batching
+
+    def _probabilities(self, model: LoadedModel, images: np.ndarray) -> np.ndarray:
+        if self.batching is not None:
+            return self.batching.probabilities(model, images)
+        probabilities = self._probabilities(model, images)
+        return probabilities
 
     def _model(self, model_spec) -> LoadedModel:
         return self.store.get(model_spec.name, _version_of(model_spec))
@@ -160,8 +202,13 @@ class PredictionService:
                 f"expected to be in the set {{{','.join(available)}}}."
             )
         images = images_from_tensor(request.inputs["image"], model, self.limits)
-        results = model.run(images, wanted)
-        metrics.record_batch(model.name, len(images))
+        if set(wanted) <= set(PREDICT_OUTPUTS):  # batched with other callers'
+            probabilities = self._probabilities(model, images)
+            everything = {"probabilities": probabilities, "top_class": probabilities.argmax(axis=1).astype(np.int64)}
+            results = {name: everything[name] for name in wanted}
+        else:
+            results = model.run(images, wanted)
+            metrics.record_batch(model.name, len(images))
         response = predict_pb2.PredictResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = model.version
@@ -179,8 +226,7 @@ class PredictionService:
             examples = list(request.input.example_list_with_context.examples)
         check_count(len(examples), self.limits)
         images = np.stack([self._example_image(example, model) for example in examples])
-        probabilities = model.predict(images)
-        metrics.record_batch(model.name, len(images))
+        probabilities = self._probabilities(model, images)
         response = classification_pb2.ClassificationResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = model.version
@@ -358,7 +404,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
 
 def build_server(store: ModelStore, *, host: str = "127.0.0.1", port: int = 8500,
                  api_key: str | None = None, limits: InputLimits = DEFAULT_LIMITS,
-                 max_workers: int = 16) -> tuple[grpc.Server, int, Any]:
+                 max_workers: int = 16, batching: bool = True) -> tuple[grpc.Server, int, Any]:
     """A started-ready (not yet started) gRPC server; returns (server, bound port, health)."""
     from grpc_health.v1 import health, health_pb2_grpc
 
@@ -373,7 +419,8 @@ def build_server(store: ModelStore, *, host: str = "127.0.0.1", port: int = 8500
         ],
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(store, limits), server)
+        PredictionService(store, limits, BatchBridge(InferenceCore(store, limits=limits)) if batching else None),
+        server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(store), server)
     server.add_generic_rpc_handlers((Extensions(store, limits).handler(),))
     health_servicer = health.HealthServicer()
