@@ -92,6 +92,8 @@ def _refuse(ctx: bentoml.Context, error: ServingError) -> dict[str, Any]:
     workers=1,
     traffic={"timeout": 60, "max_concurrency": 512},
     http={"host": HOST, "port": HTTP_PORT},
+    # One log line per request; CNNKIT_ACCESS_LOG=0 turns it off (about 0.7 ms less per request here).
+    logging={"access": {"enabled": os.environ.get("CNNKIT_ACCESS_LOG", "1") != "0"}},
 )
 class Classifier:
     """Image classification, feature maps and model metadata for every model in the repository."""
