@@ -28,13 +28,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def build_repository(workdir: Path, data_dir: str | None) -> tuple[Path, str]:
-    from training.config import apply_overrides, load_recipe
-    from training.export import export_run
-    from training.train import train
+    from tiny_runs import train_tiny_run
 
-    recipe = apply_overrides(load_recipe("catsdogs_small"),
-                             ["epochs=1", "train_limit=64", "test_limit=64", "validation_size=32"])
-    run_dir = train(recipe, run_dir=workdir / "run", data_dir=data_dir, verbose=0)
+    from training.export import export_run
+
+    run_dir = train_tiny_run("catsdogs_small", workdir, data_dir)
     repository = workdir / "model_repository"
     export_run(run_dir, name="catsdogs", repository=repository, data_dir=data_dir, check_accuracy=False)
     return repository, "catsdogs"
