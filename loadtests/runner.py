@@ -140,7 +140,7 @@ class ResourceSampler:
             processes = self._tree()
             if processes:
                 self.cpu.append(sum(_safe(process.cpu_percent) or 0.0 for process in processes))
-                self.rss_mb.append(sum((_safe(process.memory_info) or _Zero()).rss for process in processes) / 2**20)
+                self.rss_mb.append(sum(getattr(_safe(process.memory_info), "rss", 0) for process in processes) / 2**20)
             if self._nvml is not None:
                 import pynvml
 
@@ -163,10 +163,6 @@ class ResourceSampler:
         if self.gpu_util:
             result.gpu_utilization_percent = sum(self.gpu_util) / len(self.gpu_util)
             result.gpu_memory_mb = max(self.gpu_mb)
-
-
-class _Zero:
-    rss = 0
 
 
 def _safe(function: Any) -> Any:

@@ -33,29 +33,6 @@ def encode_array(array: np.ndarray, dtype: str = "float16") -> dict[str, Any]:
     return {"shape": list(data.shape), "dtype": dtype, "data": base64.b64encode(data.tobytes()).decode()}
 
 
-def describe_model(store: ModelStore, model: LoadedModel) -> dict[str, Any]:
-    """What clients need to call a model: classes, input, layers, training figures."""
-    metadata = model.metadata
-    training = metadata.get("training", {})
-    return {
-        "name": model.name,
-        "version": model.version,
-        "versions": store.versions(model.name),
-        "class_names": model.class_names,
-        "input": metadata["input"],
-        "preprocessing": metadata.get("preprocessing"),
-        "feature_layers": model.feature_layers,
-        "default_layers": model.conv_layer_names,
-        "signatures": {"serving_default": ["probabilities", "top_class"],
-                       "feature_maps": model.layer_names},
-        "test_accuracy": training.get("test_accuracy"),
-        "dataset": training.get("dataset"),
-        "recipe": (training.get("recipe") or {}).get("name"),
-        "providers": model.providers,
-        "source": metadata.get("source"),
-    }
-
-
 @dataclass
 class Classification:
     model: str
@@ -116,7 +93,26 @@ class InferenceCore:
         return {name: to_png(feature_map_grid(value)) for name, value in maps.items()}
 
     def describe(self, model: LoadedModel) -> dict[str, Any]:
-        return describe_model(self.store, model)
+        """What clients need to call a model: classes, input, layers, training figures."""
+        metadata = model.metadata
+        training = metadata.get("training", {})
+        return {
+            "name": model.name,
+            "version": model.version,
+            "versions": self.store.versions(model.name),
+            "class_names": model.class_names,
+            "input": metadata["input"],
+            "preprocessing": metadata.get("preprocessing"),
+            "feature_layers": model.feature_layers,
+            "default_layers": model.conv_layer_names,
+            "signatures": {"serving_default": ["probabilities", "top_class"],
+                           "feature_maps": model.layer_names},
+            "test_accuracy": training.get("test_accuracy"),
+            "dataset": training.get("dataset"),
+            "recipe": (training.get("recipe") or {}).get("name"),
+            "providers": model.providers,
+            "source": metadata.get("source"),
+        }
 
     def list_models(self) -> list[dict[str, Any]]:
         return [self.describe(self.store.get(name)) for name in self.store.names()]

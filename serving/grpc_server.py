@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from serving import metrics
-from serving.core import InferenceCore, describe_model
+from serving.core import InferenceCore
 from serving.errors import InvalidInputError, NotFoundError, ServingError
 from serving.inputs import (
     DEFAULT_LIMITS,
@@ -323,15 +323,14 @@ class Extensions:
 
     METHODS = ("ListModels", "DescribeModel", "FeatureMapPngs")
 
-    def __init__(self, store: ModelStore, limits: InputLimits = DEFAULT_LIMITS):
-        self.store = store
-        self.limits = limits
+    def __init__(self, core: InferenceCore):
+        self.core = core
 
     def ListModels(self, body: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
-        return {"models": [describe_model(self.store, self.store.get(name)) for name in self.store.names()]}
+        return {"models": self.core.list_models()}
 
     def DescribeModel(self, body: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
-        return describe_model(self.store, self._model(body))
+        return self.core.describe(self._model(body))
 
     def FeatureMapPngs(self, body: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
         model = self._model(body)
@@ -340,11 +339,8 @@ class Extensions:
             raise InvalidInputError("'layers' must be a list of layer names.")
         if not isinstance(body.get("image_b64"), str):
             raise InvalidInputError("'image_b64' (the image file in base64) is required.")
-        pixels = decode_image(decode_base64(body["image_b64"]), model.input_shape, self.limits)
-        names = model.check_layers(layers)
-        outputs = model.run(pixels[None].astype(np.float32), names)
-        metrics.record_batch(model.name, 1)
-        pngs = InferenceCore.feature_map_pngs({name: outputs[name][0] for name in names})
+        pixels = decode_image(decode_base64(body["image_b64"]), model.input_shape, self.core.limits)
+        pngs = self.core.feature_map_pngs(self.core.feature_maps(model, pixels.astype(np.float32), layers))
         return {"model": model.name, "version": model.version,
                 "png": {name: base64.b64encode(png).decode("ascii") for name, png in pngs.items()}}
 
@@ -354,7 +350,7 @@ class Extensions:
         version = body.get("version")
         if version is not None and not isinstance(version, int):
             raise InvalidInputError(f"'version' must be an integer, got {version!r}.")
-        return self.store.get(body["model"], version)
+        return self.core.model(body["model"], version)
 
     def handler(self) -> grpc.GenericRpcHandler:
         def method(name: str) -> grpc.RpcMethodHandler:
@@ -418,11 +414,12 @@ def build_server(store: ModelStore, *, host: str = "127.0.0.1", port: int = 8500
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
+    # One InferenceCore for the gRPC side (its batchers live on the bridge's event loop).
+    core = InferenceCore(store, limits=limits)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(store, limits, BatchBridge(InferenceCore(store, limits=limits)) if batching else None),
-        server)
+        PredictionService(store, limits, BatchBridge(core) if batching else None), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(store), server)
-    server.add_generic_rpc_handlers((Extensions(store, limits).handler(),))
+    server.add_generic_rpc_handlers((Extensions(core).handler(),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     from grpc_health.v1 import health_pb2

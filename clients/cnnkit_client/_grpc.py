@@ -6,24 +6,24 @@ They speak TensorFlow Serving's protocol with our own wire-compatible messages (
 ``grpc.health.v1``. What TF Serving has no message for (the model list, descriptions with class
 names, PNG grids) goes through cnnkit's JSON methods under ``/cnnkit.v1.Extensions/``.
 
-As in :mod:`cnnkit_client._http`, each method is a plan of calls plus a function that turns their
-answers into the result (or into a further plan, when class names must be looked up first).
+As in :mod:`cnnkit_client._http`, each method is a plan (:mod:`cnnkit_client._plan`) of calls plus
+a function that turns their answers into the result (or into a further plan, when class names must
+be looked up first).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
-from cnnkit_client.errors import RETRIABLE, CnnkitError, InvalidInputError, ServerError, from_grpc_code
+from cnnkit_client._plan import Plan, arun, run
+from cnnkit_client.errors import CnnkitError, InvalidInputError, ServerError, from_grpc_code
 from cnnkit_client.images import ImageLike, chunks, encode_image, encode_images
 from cnnkit_client.protos.tfs import classification_pb2, predict_pb2
 from cnnkit_client.retry import Retry
@@ -66,12 +66,6 @@ class _Call:
     parse: Callable[[bytes], Any]
 
 
-@dataclass
-class _Plan(Generic[T]):
-    calls: list[_Call]
-    finish: Callable[[list[Any]], T | _Plan[T]]
-
-
 def _raw(data: bytes) -> bytes:
     return data
 
@@ -106,21 +100,21 @@ class _GrpcApi:
         return _Call(EXTENSIONS + "DescribeModel", _json_bytes({"model": model, "version": version}),
                      lambda data: ModelInfo.from_dict(json.loads(data)))
 
-    def _with_info(self, model: str, version: int | None, then: Callable[[ModelInfo], T | _Plan[T]]) -> _Plan[T]:
+    def _with_info(self, model: str, version: int | None, then: Callable[[ModelInfo], T | Plan[T]]) -> Plan[T]:
         """A plan that looks the model up (once per version, cached) and goes on with ``then``."""
         cached = self._infos.get((model, version)) if version is not None else None
         if cached is not None:
-            return _Plan([], lambda _: then(cached))
+            return Plan([], lambda _: then(cached))
 
-        def remember(answers: list[Any]) -> T | _Plan[T]:
+        def remember(answers: list[Any]) -> T | Plan[T]:
             info: ModelInfo = answers[0]
             self._infos[(info.name, info.version)] = info
             return then(info)
 
-        return _Plan([self._describe_call(model, version)], remember)
+        return Plan([self._describe_call(model, version)], remember)
 
     def _predict_plan(self, images: ImageLike | Sequence[ImageLike], model: str, version: int | None,
-                      top_k: int) -> _Plan[Prediction | list[Prediction]]:
+                      top_k: int) -> Plan[Prediction | list[Prediction]]:
         if top_k < 1:
             raise InvalidInputError(f"top_k must be at least 1, got {top_k}.")
         encoded, single = encode_images(images)
@@ -134,7 +128,7 @@ class _GrpcApi:
                 request.input.example_list.examples.add().features.feature[IMAGE_FEATURE].bytes_list.value.append(data)
             calls.append(_Call(CLASSIFY, request, classification_pb2.ClassificationResponse.FromString))
 
-        def finish(responses: list[Any]) -> Prediction | list[Prediction] | _Plan[Prediction | list[Prediction]]:
+        def finish(responses: list[Any]) -> Prediction | list[Prediction] | Plan[Prediction | list[Prediction]]:
             answered = {(response.model_spec.name, response.model_spec.version.value) for response in responses}
             if len(answered) != 1:  # a new version went live between two chunks: the rows are still right
                 answered = {max(answered, key=lambda pair: pair[1])}
@@ -151,10 +145,10 @@ class _GrpcApi:
 
             return self._with_info(name, int(answered_version), build)
 
-        return _Plan(calls, finish)
+        return Plan(calls, finish)
 
     def _feature_maps_plan(self, image: ImageLike, model: str, layers: Sequence[str] | None, version: int | None,
-                           as_png: bool) -> _Plan[FeatureMaps]:
+                           as_png: bool) -> Plan[FeatureMaps]:
         data = encode_image(image)
         if as_png:
             body = {"model": model, "version": version, "layers": list(layers) if layers is not None else None,
@@ -165,9 +159,9 @@ class _GrpcApi:
                 return FeatureMaps(answer["model"], int(answer["version"]),
                                    {name: base64.b64decode(png) for name, png in answer["png"].items()})
 
-            return _Plan([_Call(EXTENSIONS + "FeatureMapPngs", _json_bytes(body), json.loads)], pngs)
+            return Plan([_Call(EXTENSIONS + "FeatureMapPngs", _json_bytes(body), json.loads)], pngs)
 
-        def predict(info: ModelInfo) -> _Plan[FeatureMaps]:
+        def predict(info: ModelInfo) -> Plan[FeatureMaps]:
             request = predict_pb2.PredictRequest()
             request.model_spec.name = info.name
             request.model_spec.version.value = info.version
@@ -180,25 +174,25 @@ class _GrpcApi:
                 return FeatureMaps(response.model_spec.name, int(response.model_spec.version.value),
                                    {name: to_ndarray(response.outputs[name])[0] for name in request.output_filter})
 
-            return _Plan([_Call(PREDICT, request, predict_pb2.PredictResponse.FromString)], arrays)
+            return Plan([_Call(PREDICT, request, predict_pb2.PredictResponse.FromString)], arrays)
 
         return self._with_info(model, version, predict)
 
-    def _models_plan(self) -> _Plan[list[ModelInfo]]:
+    def _models_plan(self) -> Plan[list[ModelInfo]]:
         def parse(data: bytes) -> list[ModelInfo]:
             return [ModelInfo.from_dict(item) for item in json.loads(data)["models"]]
 
-        return _Plan([_Call(EXTENSIONS + "ListModels", b"{}", parse)], lambda answers: answers[0])
+        return Plan([_Call(EXTENSIONS + "ListModels", b"{}", parse)], lambda answers: answers[0])
 
-    def _metadata_plan(self, model: str, version: int | None) -> _Plan[ModelInfo]:
-        return _Plan([self._describe_call(model, version)], lambda answers: answers[0])
+    def _metadata_plan(self, model: str, version: int | None) -> Plan[ModelInfo]:
+        return Plan([self._describe_call(model, version)], lambda answers: answers[0])
 
-    def _health_plan(self) -> _Plan[Health]:
+    def _health_plan(self) -> Plan[Health]:
         def finish(answers: list[Any]) -> Health:
             ready = answers[0] == 1
             return Health(live=True, ready=ready, detail="" if ready else "the service is not serving yet")
 
-        return _Plan([_Call(HEALTH_CHECK, _health_request(""), _health_status)], finish)
+        return Plan([_Call(HEALTH_CHECK, _health_request(""), _health_status)], finish)
 
     @staticmethod
     def _serialize(request: Any) -> bytes:
@@ -234,29 +228,17 @@ class GrpcClient(_GrpcApi):
     def close(self) -> None:
         self._channel.close()
 
-    def _send(self, call: _Call, timeout: float | None) -> Any:
+    def _attempt(self, call: _Call, timeout: float | None) -> Any:
         method = self._channel.unary_unary(call.path, request_serializer=self._serialize,
                                            response_deserializer=_raw)
-        waits = self.retry.waits()
-        while True:
-            try:
-                try:
-                    data = method(call.request, timeout=timeout or self.timeout, metadata=self._metadata)
-                except grpc.RpcError as error:
-                    raise _rpc_error(error, self.target) from error
-                return _parse(call, data)
-            except RETRIABLE:
-                wait = next(waits, None)
-                if wait is None:
-                    raise
-                time.sleep(wait)
+        try:
+            data = method(call.request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise _rpc_error(error, self.target) from error
+        return _parse(call, data)
 
-    def _run(self, plan: _Plan[T], timeout: float | None) -> T:
-        while True:
-            result = plan.finish([self._send(call, timeout) for call in plan.calls])
-            if not isinstance(result, _Plan):
-                return result
-            plan = result
+    def _run(self, plan: Plan[T], timeout: float | None) -> T:
+        return run(plan, lambda call: self._attempt(call, timeout), self.retry)
 
     def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
                 top_k: int = 5, timeout: float | None = None) -> Any:
@@ -308,30 +290,17 @@ class AsyncGrpcClient(_GrpcApi):
             await self._channel.close()
             self._channel = None
 
-    async def _send(self, call: _Call, timeout: float | None) -> Any:
+    async def _attempt(self, call: _Call, timeout: float | None) -> Any:
         method = self._get_channel().unary_unary(call.path, request_serializer=self._serialize,
                                                  response_deserializer=_raw)
-        waits = self.retry.waits()
-        while True:
-            try:
-                try:
-                    data = await method(call.request, timeout=timeout or self.timeout, metadata=self._metadata)
-                except grpc.RpcError as error:
-                    raise _rpc_error(error, self.target) from error
-                return _parse(call, data)
-            except RETRIABLE:
-                wait = next(waits, None)
-                if wait is None:
-                    raise
-                await asyncio.sleep(wait)
+        try:
+            data = await method(call.request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise _rpc_error(error, self.target) from error
+        return _parse(call, data)
 
-    async def _run(self, plan: _Plan[T], timeout: float | None) -> T:
-        while True:
-            answers = await asyncio.gather(*(self._send(call, timeout) for call in plan.calls))
-            result = plan.finish(list(answers))
-            if not isinstance(result, _Plan):
-                return result
-            plan = result
+    async def _run(self, plan: Plan[T], timeout: float | None) -> T:
+        return await arun(plan, lambda call: self._attempt(call, timeout), self.retry)
 
     async def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
                       top_k: int = 5, timeout: float | None = None) -> Any:

@@ -1,23 +1,22 @@
 """HTTP clients: ``Client`` (sync) and ``AsyncClient`` (asyncio), with the same methods.
 
-Each method is written once as a *plan*: the HTTP calls it needs and a function that turns their
-JSON answers into the typed result. The two classes only differ in how they send the calls.
+Each method is written once as a plan (:mod:`cnnkit_client._plan`): the HTTP calls it needs and a
+function that turns their JSON answers into the typed result. The two classes only differ in how
+they make one attempt at a call.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
 
+from cnnkit_client._plan import Plan, arun, run
 from cnnkit_client.errors import (
-    RETRIABLE,
     CnnkitError,
     ConnectError,
     RequestTimeoutError,
@@ -49,13 +48,6 @@ class _Call:
 class _Answer:
     status: int
     data: Any
-
-
-@dataclass
-class _Plan(Generic[T]):
-    calls: list[_Call]
-    finish: Callable[[list[_Answer]], T]
-    concurrent: bool = field(default=True)
 
 
 def _model_path(model: str) -> str:
@@ -110,7 +102,7 @@ class _Api:
         self._timeout = timeout
 
     def _predict_plan(self, images: ImageLike | Sequence[ImageLike], model: str, version: int | None,
-                      top_k: int) -> _Plan[Prediction | list[Prediction]]:
+                      top_k: int) -> Plan[Prediction | list[Prediction]]:
         encoded, single = encode_images(images)
         calls = [_Call("POST", "/predict_json", json={
             "model": model, "version": version, "top_k": top_k,
@@ -122,10 +114,10 @@ class _Api:
                 answer.data["model"], answer.data["version"], answer.data["predictions"])]
             return predictions[0] if single else predictions
 
-        return _Plan(calls, finish)
+        return Plan(calls, finish)
 
     def _feature_maps_plan(self, image: ImageLike, model: str, layers: Sequence[str] | None, version: int | None,
-                           as_png: bool) -> _Plan[FeatureMaps]:
+                           as_png: bool) -> Plan[FeatureMaps]:
         call = _Call("POST", "/feature_maps_json", json={
             "image_b64": base64.b64encode(encode_image(image)).decode("ascii"), "model": model,
             "layers": list(layers) if layers is not None else None, "version": version,
@@ -139,18 +131,18 @@ class _Api:
                 maps = {name: decode_array(encoded) for name, encoded in data["layers"].items()}
             return FeatureMaps(data["model"], int(data["version"]), maps)
 
-        return _Plan([call], finish)
+        return Plan([call], finish)
 
-    def _models_plan(self) -> _Plan[list[ModelInfo]]:
-        return _Plan([_Call("GET", "/models/")],
+    def _models_plan(self) -> Plan[list[ModelInfo]]:
+        return Plan([_Call("GET", "/models/")],
                      lambda answers: [ModelInfo.from_dict(item) for item in answers[0].data["models"]])
 
-    def _metadata_plan(self, model: str, version: int | None) -> _Plan[ModelInfo]:
+    def _metadata_plan(self, model: str, version: int | None) -> Plan[ModelInfo]:
         params = {"version": version} if version is not None else None
-        return _Plan([_Call("GET", f"/models/{_model_path(model)}", params=params)],
+        return Plan([_Call("GET", f"/models/{_model_path(model)}", params=params)],
                      lambda answers: ModelInfo.from_dict(answers[0].data))
 
-    def _health_plan(self) -> _Plan[Health]:
+    def _health_plan(self) -> Plan[Health]:
         calls = [_Call("GET", path, accept=(200, 503), parse_json=False) for path in ("/livez", "/readyz")]
 
         def finish(answers: list[_Answer]) -> Health:
@@ -158,7 +150,7 @@ class _Api:
             detail = "" if ready else "the service is starting or has no models loaded"
             return Health(live=live, ready=ready, detail=detail)
 
-        return _Plan(calls, finish, concurrent=False)
+        return Plan(calls, finish)
 
     def _request_kwargs(self, call: _Call, timeout: float | None) -> dict[str, Any]:
         params = {key: value for key, value in (call.params or {}).items() if value is not None}
@@ -196,23 +188,15 @@ class Client(_Api):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, call: _Call, timeout: float | None) -> _Answer:
-        waits = self.retry.waits()
-        while True:
-            try:
-                try:
-                    response = self._http.request(call.method, call.path, **self._request_kwargs(call, timeout))
-                except httpx.HTTPError as error:
-                    raise _transport_error(error, self.url + call.path) from error
-                return _to_answer(response, call)
-            except RETRIABLE:
-                wait = next(waits, None)
-                if wait is None:
-                    raise
-                time.sleep(wait)
+    def _attempt(self, call: _Call, timeout: float | None) -> _Answer:
+        try:
+            response = self._http.request(call.method, call.path, **self._request_kwargs(call, timeout))
+        except httpx.HTTPError as error:
+            raise _transport_error(error, self.url + call.path) from error
+        return _to_answer(response, call)
 
-    def _run(self, plan: _Plan[T], timeout: float | None) -> T:
-        return plan.finish([self._send(call, timeout) for call in plan.calls])
+    def _run(self, plan: Plan[T], timeout: float | None) -> T:
+        return run(plan, lambda call: self._attempt(call, timeout), self.retry)
 
     def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
                 top_k: int = 5, timeout: float | None = None) -> Any:
@@ -261,28 +245,15 @@ class AsyncClient(_Api):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: _Call, timeout: float | None) -> _Answer:
-        waits = self.retry.waits()
-        while True:
-            try:
-                try:
-                    response = await self._http.request(call.method, call.path,
-                                                        **self._request_kwargs(call, timeout))
-                except httpx.HTTPError as error:
-                    raise _transport_error(error, self.url + call.path) from error
-                return _to_answer(response, call)
-            except RETRIABLE:
-                wait = next(waits, None)
-                if wait is None:
-                    raise
-                await asyncio.sleep(wait)
+    async def _attempt(self, call: _Call, timeout: float | None) -> _Answer:
+        try:
+            response = await self._http.request(call.method, call.path, **self._request_kwargs(call, timeout))
+        except httpx.HTTPError as error:
+            raise _transport_error(error, self.url + call.path) from error
+        return _to_answer(response, call)
 
-    async def _run(self, plan: _Plan[T], timeout: float | None) -> T:
-        if plan.concurrent:
-            answers = list(await asyncio.gather(*(self._send(call, timeout) for call in plan.calls)))
-        else:
-            answers = [await self._send(call, timeout) for call in plan.calls]
-        return plan.finish(answers)
+    async def _run(self, plan: Plan[T], timeout: float | None) -> T:
+        return await arun(plan, lambda call: self._attempt(call, timeout), self.retry)
 
     async def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
                       top_k: int = 5, timeout: float | None = None) -> Any:

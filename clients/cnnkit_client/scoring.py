@@ -260,20 +260,10 @@ def score_folder(predictor: Predictor, root: Path, out: Path, *, model: str, top
     return summary
 
 
-class _NoBar:
-    def update(self, count: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="scoring", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, unit="img", desc="scoring", dynamic_ncols=True, file=sys.stderr, disable=not enabled)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

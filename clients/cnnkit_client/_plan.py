@@ -1,0 +1,66 @@
+"""What the four clients share: a method as a *plan* (the calls it needs and a function that turns
+their answers into the result, or into a further plan), and running one with retries.
+
+Each client supplies only ``attempt(call)``: one try of one call, raising SDK errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from cnnkit_client.errors import RETRIABLE
+from cnnkit_client.retry import Retry
+
+T = TypeVar("T")
+
+
+@dataclass
+class Plan(Generic[T]):
+    calls: list[Any]
+    finish: Callable[[list[Any]], T | Plan[T]]
+
+
+def run(plan: Plan[T], attempt: Callable[[Any], Any], retry: Retry) -> T:
+    """Send the plan's calls one after the other, each retried as ``retry`` says, until a result."""
+
+    def send(call: Any) -> Any:
+        waits = retry.waits()
+        while True:
+            try:
+                return attempt(call)
+            except RETRIABLE:
+                wait = next(waits, None)
+                if wait is None:
+                    raise
+                time.sleep(wait)
+
+    while True:
+        result = plan.finish([send(call) for call in plan.calls])
+        if not isinstance(result, Plan):
+            return result
+        plan = result
+
+
+async def arun(plan: Plan[T], attempt: Callable[[Any], Awaitable[Any]], retry: Retry) -> T:
+    """The same with asyncio: a plan's calls are sent concurrently."""
+
+    async def send(call: Any) -> Any:
+        waits = retry.waits()
+        while True:
+            try:
+                return await attempt(call)
+            except RETRIABLE:
+                wait = next(waits, None)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+
+    while True:
+        result = plan.finish(list(await asyncio.gather(*(send(call) for call in plan.calls))))
+        if not isinstance(result, Plan):
+            return result
+        plan = result
