@@ -18,11 +18,12 @@ import numpy as np
 from serving import metrics
 from serving.batching import MicroBatcher
 from serving.errors import InvalidInputError
+from serving.explain import Explanations, FilterPatterns, GradCam, explain_layers
 from serving.inputs import DEFAULT_LIMITS, InputLimits, top_k
 from serving.model_store import LoadedModel, ModelStore
-from training.visualize import feature_map_grid, to_png
+from training.visualize import feature_map_grid, heatmap_overlay, pattern_grid, to_png
 
-ARRAY_DTYPES = ("float16", "float32")
+ARRAY_DTYPES = ("float16", "float32", "uint8")
 
 
 def encode_array(array: np.ndarray, dtype: str = "float16") -> dict[str, Any]:
@@ -45,8 +46,11 @@ class Classification:
 
 class InferenceCore:
     def __init__(self, store: ModelStore, *, limits: InputLimits = DEFAULT_LIMITS,
-                 max_batch_size: int = 64, max_wait_ms: float | None = None):
+                 max_batch_size: int = 64, max_wait_ms: float | None = None,
+                 explanations: Explanations | None = None):
         self.store = store
+        # Grad-CAM and filter patterns run in a TensorFlow worker process, shared by HTTP and gRPC.
+        self.explanations = explanations if explanations is not None else Explanations()
         self.limits = limits
         self.max_batch_size = max_batch_size
         # Natural batching by default (see serving.batching); CNNKIT_BATCH_WAIT_MS trades latency for batch size.
@@ -92,10 +96,50 @@ class InferenceCore:
     def feature_map_pngs(maps: dict[str, np.ndarray]) -> dict[str, bytes]:
         return {name: to_png(feature_map_grid(value)) for name, value in maps.items()}
 
+    def gradcam(self, model: LoadedModel, image: np.ndarray, class_name: str | None = None,
+                class_index: int | None = None, dtype: str = "float16") -> dict[str, Any]:
+        """Grad-CAM of one validated image: the heatmap as an array and the overlay PNG (base64)."""
+        if class_name is not None and class_index is not None:
+            raise InvalidInputError("Send at most one of 'class_name' and 'class_index'.")
+        if dtype not in ARRAY_DTYPES[:2]:
+            raise InvalidInputError(f"dtype must be float16 or float32, got {dtype!r}.")
+        result: GradCam = self.explanations.gradcam(model, image, class_name if class_name is not None else class_index)
+        overlay = heatmap_overlay(image, result.heatmap)
+        return {
+            "model": result.model, "version": result.version, "layer": result.layer,
+            "class_index": result.class_index, "class_name": result.class_name, "probability": result.probability,
+            "predicted": {"class_index": result.predicted_index, "class_name": result.predicted_name,
+                          "probability": result.predicted_probability},
+            "heatmap": encode_array(result.heatmap, dtype),
+            "overlay_png": base64.b64encode(to_png(overlay)).decode("ascii"),
+        }
+
+    def filter_patterns(self, model: LoadedModel, layer: str | None = None, filters: Any = None,
+                        steps: int = 40, seed: int = 0, arrays: bool = False) -> dict[str, Any]:
+        """Filter patterns of a conv layer: a grid PNG (base64), per-filter gains, optionally the arrays."""
+        if filters is not None and not (isinstance(filters, int) or (
+                isinstance(filters, list) and all(isinstance(index, int) for index in filters))):
+            raise InvalidInputError("'filters' must be a count or a list of filter indices.")
+        if not isinstance(seed, int):
+            raise InvalidInputError(f"'seed' must be an integer, got {seed!r}.")
+        result: FilterPatterns = self.explanations.filter_patterns(model, layer, filters, steps=steps, seed=seed)
+        answer: dict[str, Any] = {
+            "model": result.model, "version": result.version, "layer": result.layer, "steps": result.steps,
+            "seed": result.seed, "filters": result.filters, "cached": result.cached, "dead": result.dead,
+            "mean_activation": [[float(before), float(after)] for before, after in result.mean_activation],
+            "grid_png": base64.b64encode(to_png(pattern_grid(result.patterns))).decode("ascii"),
+        }
+        if arrays:
+            answer["patterns"] = encode_array(result.patterns, "uint8")
+        return answer
+
     def describe(self, model: LoadedModel) -> dict[str, Any]:
         """What clients need to call a model: classes, input, layers, training figures."""
         metadata = model.metadata
         training = metadata.get("training", {})
+        signatures = {"serving_default": ["probabilities", "top_class"], "feature_maps": model.layer_names}
+        if explain_layers(model)["gradcam_layer"]:
+            signatures["gradcam"] = ["heatmap", "coarse_heatmap", "class_index", "probabilities"]
         return {
             "name": model.name,
             "version": model.version,
@@ -105,8 +149,8 @@ class InferenceCore:
             "preprocessing": metadata.get("preprocessing"),
             "feature_layers": model.feature_layers,
             "default_layers": model.conv_layer_names,
-            "signatures": {"serving_default": ["probabilities", "top_class"],
-                           "feature_maps": model.layer_names},
+            "signatures": signatures,
+            "explain": explain_layers(model),
             "test_accuracy": training.get("test_accuracy"),
             "dataset": training.get("dataset"),
             "recipe": (training.get("recipe") or {}).get("name"),

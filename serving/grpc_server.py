@@ -25,6 +25,7 @@ import numpy as np
 from serving import metrics
 from serving.core import InferenceCore
 from serving.errors import InvalidInputError, NotFoundError, ServingError
+from serving.explain import Explanations
 from serving.inputs import (
     DEFAULT_LIMITS,
     InputLimits,
@@ -318,10 +319,13 @@ class Extensions:
     ``/cnnkit.v1.Extensions/ListModels`` ``{}`` -> ``{"models": [...]}``; ``DescribeModel``
     ``{"model", "version"?}`` -> the model's description (classes, input, layers), as ``GET /models/NAME``;
     ``FeatureMapPngs`` ``{"model", "version"?, "layers"?, "image_b64"}`` -> ``{"model", "version",
-    "png": {layer: base64 PNG grid}}``. Clients need no ``.proto`` for them.
+    "png": {layer: base64 PNG grid}}``; ``GradCam`` ``{"model", "version"?, "image_b64", "class_name"? |
+    "class_index"?, "dtype"?}`` and ``FilterPatterns`` ``{"model", "version"?, "layer"?, "filters"?,
+    "steps"?, "seed"?, "arrays"?}`` answer as ``POST /gradcam_json`` and ``POST /filter_patterns`` do.
+    Clients need no ``.proto`` for them.
     """
 
-    METHODS = ("ListModels", "DescribeModel", "FeatureMapPngs")
+    METHODS = ("ListModels", "DescribeModel", "FeatureMapPngs", "GradCam", "FilterPatterns")
 
     def __init__(self, core: InferenceCore):
         self.core = core
@@ -343,6 +347,26 @@ class Extensions:
         pngs = self.core.feature_map_pngs(self.core.feature_maps(model, pixels.astype(np.float32), layers))
         return {"model": model.name, "version": model.version,
                 "png": {name: base64.b64encode(png).decode("ascii") for name, png in pngs.items()}}
+
+    def GradCam(self, body: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        model = self._model(body)
+        if not isinstance(body.get("image_b64"), str):
+            raise InvalidInputError("'image_b64' (the image file in base64) is required.")
+        class_name, class_index = body.get("class_name"), body.get("class_index")
+        if class_name is not None and not isinstance(class_name, str):
+            raise InvalidInputError(f"'class_name' must be a string, got {class_name!r}.")
+        if class_index is not None and (not isinstance(class_index, int) or isinstance(class_index, bool)):
+            raise InvalidInputError(f"'class_index' must be an integer, got {class_index!r}.")
+        pixels = decode_image(decode_base64(body["image_b64"]), model.input_shape, self.core.limits)
+        return self.core.gradcam(model, pixels, class_name, class_index, str(body.get("dtype", "float16")))
+
+    def FilterPatterns(self, body: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        model = self._model(body)
+        layer = body.get("layer")
+        if layer is not None and not isinstance(layer, str):
+            raise InvalidInputError(f"'layer' must be a layer name, got {layer!r}.")
+        return self.core.filter_patterns(model, layer, body.get("filters"), body.get("steps", 40),
+                                         body.get("seed", 0), bool(body.get("arrays", False)))
 
     def _model(self, body: dict[str, Any]) -> LoadedModel:
         if not isinstance(body.get("model"), str):
@@ -400,7 +424,8 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
 
 def build_server(store: ModelStore, *, host: str = "127.0.0.1", port: int = 8500,
                  api_key: str | None = None, limits: InputLimits = DEFAULT_LIMITS,
-                 max_workers: int = 16, batching: bool = True) -> tuple[grpc.Server, int, Any]:
+                 max_workers: int = 16, batching: bool = True,
+                 explanations: Explanations | None = None) -> tuple[grpc.Server, int, Any]:
     """A started-ready (not yet started) gRPC server; returns (server, bound port, health)."""
     from grpc_health.v1 import health, health_pb2_grpc
 
@@ -415,7 +440,7 @@ def build_server(store: ModelStore, *, host: str = "127.0.0.1", port: int = 8500
         ],
     )
     # One InferenceCore for the gRPC side (its batchers live on the bridge's event loop).
-    core = InferenceCore(store, limits=limits)
+    core = InferenceCore(store, limits=limits, explanations=explanations)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(store, limits, BatchBridge(core) if batching else None), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(store), server)

@@ -4,7 +4,8 @@ Start it with ``cnnkit serve`` or, from the project root, ``bentoml serve``. It 
 of the repository in ``CNNKIT_MODEL_REPOSITORY`` (default ``./model_repository``):
 
 * HTTP (BentoML, port 3000): ``POST /predict`` (image upload), ``POST /predict_json`` (base64
-  images or a pixel tensor), ``POST /feature_maps``, ``POST /reload``; ``GET /models...`` and the
+  images or a pixel tensor), ``POST /feature_maps``, ``POST /gradcam``, ``POST /filter_patterns``
+  (see :mod:`serving.explain`), ``POST /reload``; ``GET /models...`` and the
   TF-Serving REST API under ``/v1``; BentoML's ``/livez``, ``/readyz``, ``/metrics`` and Swagger UI.
 * gRPC (``CNNKIT_GRPC_PORT``, default 8500): TF Serving's PredictionService, ModelService, health.
 
@@ -108,6 +109,8 @@ class Classifier:
         repository = repository_from_bento_store(tags) if tags else resolve_repository(None)
         self.store = ModelStore(repository)
         self.core = InferenceCore(self.store)
+        if os.environ.get("CNNKIT_EXPLAIN_PRELOAD", "0") == "1":
+            self.core.explanations.start()
         self.store.refresh()
         if not self.store.names():
             logger.warning("no models in %s: export one with `cnnkit export RUN_DIR`", repository)
@@ -119,7 +122,7 @@ class Classifier:
 
             self.grpc_server, bound, health = build_server(
                 self.store, host=HOST, port=grpc_port, api_key=os.environ.get(API_KEY_ENV) or None,
-                limits=self.core.limits,
+                limits=self.core.limits, explanations=self.core.explanations,
             )
             self.grpc_server.start()
             mark_serving(health)
@@ -131,6 +134,7 @@ class Classifier:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.poller.stop()
+        self.core.explanations.close()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=5)
 
@@ -199,6 +203,42 @@ class Classifier:
         else:
             result["layers"] = self.core.feature_map_arrays(maps, dtype)
         return result
+
+    @bentoml.api(route="/gradcam")
+    def gradcam(self, ctx: bentoml.Context, image: Path, model: str, version: int | None = None,
+                class_name: str | None = None, class_index: int | None = None,
+                dtype: Literal["float16", "float32"] = "float16") -> dict[str, Any]:
+        """Grad-CAM of one uploaded image for a class (default: the predicted one): heatmap + overlay PNG."""
+        try:
+            return self._gradcam(image.read_bytes(), model, version, class_name, class_index, dtype)
+        except ServingError as error:
+            return _refuse(ctx, error)
+
+    @bentoml.api(route="/gradcam_json")
+    def gradcam_json(self, ctx: bentoml.Context, image_b64: str, model: str, version: int | None = None,
+                     class_name: str | None = None, class_index: int | None = None,
+                     dtype: Literal["float16", "float32"] = "float16") -> dict[str, Any]:
+        """The same for a base64-encoded image file in a JSON body."""
+        try:
+            return self._gradcam(decode_base64(image_b64), model, version, class_name, class_index, dtype)
+        except ServingError as error:
+            return _refuse(ctx, error)
+
+    def _gradcam(self, data: bytes, model: str, version: int | None, class_name: str | None,
+                 class_index: int | None, dtype: str) -> dict[str, Any]:
+        served = self.core.model(model, version)
+        pixels = decode_image(data, served.input_shape, self.core.limits)
+        return self.core.gradcam(served, pixels, class_name, class_index, dtype)
+
+    @bentoml.api(route="/filter_patterns")
+    def filter_patterns(self, ctx: bentoml.Context, model: str, version: int | None = None,
+                        layer: str | None = None, filters: int | list[int] | None = None, steps: int = 40,
+                        seed: int = 0, arrays: bool = False) -> dict[str, Any]:
+        """What each filter of a conv layer responds to (gradient ascent), as a grid PNG; cached per version."""
+        try:
+            return self.core.filter_patterns(self.core.model(model, version), layer, filters, steps, seed, arrays)
+        except ServingError as error:
+            return _refuse(ctx, error)
 
     @bentoml.api(route="/reload")
     def reload(self) -> dict[str, Any]:

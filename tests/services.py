@@ -12,7 +12,8 @@ class RunningService(ServiceProcess):
 
     def __init__(self, repository: Path, api_key: str | None = None):
         super().__init__(repository, repository.parent, api_key=api_key,
-                         environment={"CNNKIT_POLL_SECONDS": "0.5"})
+                         environment={"CNNKIT_POLL_SECONDS": "0.5",
+                                      "CNNKIT_CACHE_DIR": str(repository.parent / "cache")})
         self.start()
 
 

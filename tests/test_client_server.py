@@ -22,6 +22,7 @@ from cnnkit_client import (
     AsyncGrpcClient,
     AuthenticationError,
     Client,
+    GradCam,
     GrpcClient,
     InvalidInputError,
     NotFoundError,
@@ -154,6 +155,71 @@ def test_async_clients_answer_concurrent_calls_like_the_sync_ones(service, digit
     assert [answer.classes for answer in answers] == [want.classes for want in expected for _ in range(2)]
     assert http_health.ready and grpc_health.ready and models[0].name == "digits"
     assert maps["conv2"].shape == (10, 10, 16)
+
+
+def test_gradcam_over_both_protocols_sync_and_async(service, digit_files):
+    with Client(service.url, timeout=120) as http, GrpcClient(f"127.0.0.1:{service.grpc_port}") as grpc_client:
+        by_index = http.gradcam(digit_files[0], model="digits", target=3)
+        by_name = grpc_client.gradcam(digit_files[0], model="digits", target="3")
+        predicted = http.gradcam(digit_files[0], model="digits")
+        top = http.predict(digit_files[0], model="digits", top_k=1)
+
+    async def both_async() -> list[GradCam]:
+        async with AsyncClient(service.url) as ahttp, AsyncGrpcClient(f"127.0.0.1:{service.grpc_port}") as agrpc:
+            return list(await asyncio.gather(ahttp.gradcam(digit_files[1], model="digits", target=7),
+                                             agrpc.gradcam(digit_files[1], model="digits", target=7)))
+
+    async_http, async_grpc = asyncio.run(both_async())
+    assert isinstance(by_index, GradCam) and (by_index.class_name, by_index.class_index) == ("3", 3)
+    assert by_index.layer == "conv2" and by_index.heatmap.shape == (28, 28)
+    np.testing.assert_array_equal(by_index.heatmap, by_name.heatmap)
+    assert by_index.overlay_png == by_name.overlay_png
+    assert Image.open(io.BytesIO(by_index.overlay_png)).size == (224, 224)
+    assert predicted.class_name == top.label == predicted.predicted.label
+    np.testing.assert_array_equal(async_http.heatmap, async_grpc.heatmap)
+    assert async_http.class_name == "7"
+
+
+def test_filter_patterns_over_both_protocols_come_from_the_cache_the_second_time(service):
+    with Client(service.url) as http, GrpcClient(f"127.0.0.1:{service.grpc_port}") as grpc_client:
+        first = http.filter_patterns(model="digits", layer="conv2", filters=[0, 5, 9], steps=8)
+        second = grpc_client.filter_patterns(model="digits", layer="conv2", filters=[0, 5, 9], steps=8, arrays=True)
+        default = http.filter_patterns(model="digits", filters=2, steps=2)
+    assert (first.cached, second.cached) == (False, True)
+    assert first.filters == second.filters == (0, 5, 9) and first.grid_png == second.grid_png
+    assert second.patterns is not None and second.patterns.shape == (3, 28, 28, 1)
+    assert first.mean_activation.shape == (3, 2)
+    assert default.layer == "conv3" and default.filters == (0, 1)
+
+
+@pytest.mark.parametrize("kind", SYNC_CLIENTS)
+def test_explanation_errors_carry_the_servers_message(kind, service, digit_files):
+    with open_client(kind, service) as client:
+        with pytest.raises(InvalidInputError, match="Unknown class 'eleven'"):
+            client.gradcam(digit_files[0], model="digits", target="eleven")
+        with pytest.raises(InvalidInputError, match="out of range"):
+            client.gradcam(digit_files[0], model="digits", target=12)
+        with pytest.raises(NotFoundError, match="no convolution layer 'pool1'"):
+            client.filter_patterns(model="digits", layer="pool1")
+        with pytest.raises(InvalidInputError, match="has 6 filters"):
+            client.filter_patterns(model="digits", layer="conv1", filters=[7])
+        with pytest.raises(NotFoundError, match="nope"):
+            client.gradcam(digit_files[0], model="nope")
+
+
+def test_gradcam_upload_and_raw_http_answers(service, digit_files):
+    import httpx
+
+    with httpx.Client(base_url=service.url, timeout=120) as http:
+        with open(digit_files[2], "rb") as handle:
+            upload = http.post("/gradcam", files={"image": ("digit.png", handle, "image/png")},
+                               data={"model": "digits", "class_index": "5"})
+        unknown = http.post("/filter_patterns", json={"model": "digits", "layer": "pool2"})
+        described = http.get("/models/digits").json()
+    assert upload.status_code == 200, upload.text
+    assert upload.json()["class_name"] == "5" and upload.json()["heatmap"]["dtype"] == "float16"
+    assert unknown.status_code == 404 and "no convolution layer 'pool2'" in unknown.json()["error"]
+    assert described["explain"]["gradcam_layer"] == "conv2" and "gradcam" in described["signatures"]
 
 
 def test_grpc_api_key(repository, digit_files):

@@ -6,6 +6,8 @@
     cnnkit train --resume --output RUN_DIR      continue an interrupted run
     cnnkit evaluate RUN_DIR                     test metrics and report pictures
     cnnkit feature-maps RUN_DIR IMAGE           feature-map grid PNGs of one image
+    cnnkit explain SOURCE IMAGE [--class C]     Grad-CAM heatmap overlay of one image
+    cnnkit filter-patterns SOURCE [--layer L]   what each filter of a conv layer responds to
     cnnkit export RUN_DIR [--name NAME]         SavedModel + ONNX into the model repository
     cnnkit serve [--repository DIR]             the service: HTTP on 3000, gRPC on 8500
     cnnkit results [RUNS_ROOT]                  a Markdown table of finished and running runs
@@ -104,6 +106,28 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from training.explain import write_gradcam
+
+    path, result = write_gradcam(args.source, args.image, args.target_class, output=args.out, layer=args.layer)
+    predicted = result.probabilities.argmax()
+    print(f"[cnnkit] Grad-CAM of class {result.class_name!r} (probability {result.probability:.3f}; predicted "
+          f"{predicted} with {result.probabilities[predicted]:.3f}) at layer {result.layer}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def cmd_filter_patterns(args: argparse.Namespace) -> int:
+    from training.explain import parse_filters, write_filter_patterns
+
+    path, indices, gains = write_filter_patterns(args.source, args.layer, parse_filters(args.filters),
+                                                 output=args.out, steps=args.steps, seed=args.seed)
+    print(f"[cnnkit] {len(indices)} filters; mean activation raised from {float(gains[:, 0].mean()):.3g} "
+          f"to {float(gains[:, 1].mean()):.3g}", file=sys.stderr)
+    print(path)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.run_dir, "config.yaml")):
         raise CnnkitError(f"{args.run_dir} is not a run directory (no config.yaml).")
@@ -188,6 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--layer", action="append", help="layer name (repeatable; default: every conv layer)")
     maps.add_argument("--out", default=None, help="output folder (default RUN_DIR/feature_maps)")
     maps.set_defaults(func=cmd_feature_maps)
+
+    sources = "a run directory, a .keras file, or a model (version) folder of a model repository"
+    explain = commands.add_parser("explain", help="Grad-CAM: where in an image the evidence for a class lies")
+    explain.add_argument("source", help=sources)
+    explain.add_argument("image", help="an image file")
+    explain.add_argument("--class", dest="target_class", default=None,
+                         help="class name or index to explain (default: the predicted class)")
+    explain.add_argument("--layer", default=None, help="convolution layer (default: the last one)")
+    explain.add_argument("--out", default=None,
+                         help="overlay PNG to write (default ./IMAGE_gradcam_CLASS.png); the heatmap goes "
+                         "beside it as .npy")
+    explain.set_defaults(func=cmd_explain)
+
+    patterns = commands.add_parser("filter-patterns", help="the input patterns that excite a conv layer's filters")
+    patterns.add_argument("source", help=sources)
+    patterns.add_argument("--layer", default=None, help="convolution layer (default: the last one)")
+    patterns.add_argument("--filters", default=None, help="the first N filters (default 64), or a list: 0,3,7 or 0-7")
+    patterns.add_argument("--steps", type=int, default=40, help="gradient-ascent steps (default 40)")
+    patterns.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+    patterns.add_argument("--out", default=None, help="grid PNG to write (default ./MODEL_LAYER_patterns.png)")
+    patterns.set_defaults(func=cmd_filter_patterns)
+
     export = commands.add_parser("export", help="export a run as SavedModel + ONNX, verified")
     export.add_argument("run_dir")
     export.add_argument("--name", help="model name in the repository (default: the recipe name)")

@@ -2,11 +2,14 @@
 
 ``export_run`` writes ``REPOSITORY/NAME/VERSION/`` (see :mod:`training.repository`):
 
-* a SavedModel with two signatures, both taking ``image``: a float32 batch of raw pixel values
-  (0..255, NHWC, the model's size; uint8 pixels converted to float, nothing else):
+* a SavedModel whose signatures take ``image``: a float32 batch of raw pixel values (0..255, NHWC,
+  the model's size; uint8 pixels converted to float, nothing else):
 
   - ``serving_default`` → ``probabilities`` (N, classes) and ``top_class`` (N,);
   - ``feature_maps`` → one output per convolution and pooling layer, named by the layer;
+  - ``gradcam`` (models with a convolution layer), also taking ``class_index`` (N,) int32, -1 for
+    the predicted class → ``heatmap`` (N, H, W), ``coarse_heatmap``, ``class_index``,
+    ``probabilities`` (see :mod:`training.explain`);
 
 * ``assets.extra/model.onnx``: the same graph with every one of those outputs, same names;
 * ``assets.extra/metadata.json``: classes, input, preprocessing, feature layers, the run's recipe
@@ -36,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from training.errors import CnnkitError
+from training.explain import GRADCAM_SIGNATURE, ExplainError, GradCamGraph
 from training.io import atomic_write_text
 from training.repository import (
     EXTRA_DIR,
@@ -54,6 +58,7 @@ ONNX_OPSET = 17
 PARITY_IMAGES = 32
 PARITY_TOLERANCE = 1e-4
 ACCURACY_TOLERANCE = 0.001  # 0.1 percentage point
+GRADCAM_TOLERANCE = 1e-3  # heatmaps lie in [0, 1]
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
@@ -124,13 +129,24 @@ class ServingGraph:
         return {name: named[name] for name in self.layers}
 
 
-def write_saved_model(graph: ServingGraph, path: Path) -> None:
+def gradcam_graph(model) -> GradCamGraph | None:
+    """The Grad-CAM function of the last convolution layer, or None for a model without one."""
+    try:
+        return GradCamGraph(model)
+    except ExplainError:
+        return None
+
+
+def write_saved_model(graph: ServingGraph, path: Path, gradcam: GradCamGraph | None = None) -> None:
     import keras
 
     archive = keras.export.ExportArchive()
     archive.track(graph.probe)
     archive.add_endpoint("serving_default", graph.predict, input_signature=[graph.spec])
     archive.add_endpoint("feature_maps", graph.feature_maps, input_signature=[graph.spec])
+    if gradcam is not None:
+        archive.track(gradcam.probe)
+        archive.add_endpoint(GRADCAM_SIGNATURE, gradcam.__call__, input_signature=gradcam.specs)
     with contextlib.redirect_stdout(sys.stderr):  # ExportArchive prints a summary of endpoints.
         archive.write_out(str(path), verbose=False)
 
@@ -164,6 +180,23 @@ def onnx_session(path: Path):
 
 def _max_difference(first: np.ndarray, second: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(first, np.float64) - np.asarray(second, np.float64))))
+
+
+def check_gradcam_parity(gradcam: GradCamGraph, saved_model_dir: Path, images: np.ndarray) -> dict[str, Any]:
+    """Compare the Keras Grad-CAM with the reloaded SavedModel's ``gradcam`` signature; raise on mismatch."""
+    import tensorflow as tf
+
+    batch = tf.constant(np.asarray(images, dtype=np.float32))
+    classes = tf.constant(np.full(len(images), -1, np.int32))
+    reference = {name: np.asarray(value) for name, value in gradcam(batch, classes).items()}
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    served = {name: value.numpy() for name, value in
+              loaded.signatures[GRADCAM_SIGNATURE](image=batch, class_index=classes).items()}
+    difference = _max_difference(reference["heatmap"], served["heatmap"])
+    if not difference <= GRADCAM_TOLERANCE or not np.array_equal(reference["class_index"], served["class_index"]):
+        raise ExportError(f"Export verification failed: the SavedModel's Grad-CAM differs from Keras "
+                          f"(max |difference| {difference:.3g} > {GRADCAM_TOLERANCE}).")
+    return {"images": len(images), "max_difference": difference, "tolerance": GRADCAM_TOLERANCE}
 
 
 def check_parity(graph: ServingGraph, saved_model_dir: Path, onnx_path: Path,
@@ -320,7 +353,8 @@ def export_run(
     try:
         version_dir = staging / "version"
         _log(f"writing the SavedModel of {run_path} ({len(graph.layers)} feature layers)")
-        write_saved_model(graph, version_dir)
+        gradcam = gradcam_graph(model)
+        write_saved_model(graph, version_dir, gradcam)
         _log(f"converting to ONNX (opset {ONNX_OPSET})")
         onnx_path = version_dir / EXTRA_DIR / ONNX_FILE
         write_onnx(graph, onnx_path)
@@ -328,6 +362,8 @@ def export_run(
         _log(f"checking Keras, SavedModel and ONNX Runtime agree on {parity_images} test images")
         parity = check_parity(graph, version_dir, onnx_path, dataset.x_test[:parity_images])
         verification: dict[str, Any] = {"parity": parity}
+        if gradcam is not None:
+            verification["gradcam"] = check_gradcam_parity(gradcam, version_dir, dataset.x_test[:8])
         if check_accuracy:
             _log(f"recomputing the test accuracy through ONNX Runtime on {len(dataset.x_test)} images")
             accuracy = onnx_accuracy(onnx_path, dataset.x_test, dataset.y_test)
@@ -367,6 +403,11 @@ def export_run(
                 for layer in graph.layers
             ],
             "sigmoid_output": graph.binary,
+            # Grad-CAM is a SavedModel signature (TensorFlow computes the gradients); see training.explain.
+            "explain": {
+                "gradcam_layer": gradcam.layer if gradcam is not None else None,
+                "gradcam_signature": GRADCAM_SIGNATURE if gradcam is not None else None,
+            },
             "training": {
                 "run_dir": str(run_path.resolve()),
                 "recipe": config.to_dict(),

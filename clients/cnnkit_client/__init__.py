@@ -27,7 +27,16 @@ from cnnkit_client.errors import (
     ServiceUnavailableError,
 )
 from cnnkit_client.retry import Retry
-from cnnkit_client.types import ClassScore, FeatureMaps, Health, LayerInfo, ModelInfo, Prediction
+from cnnkit_client.types import (
+    ClassScore,
+    FeatureMaps,
+    FilterPatterns,
+    GradCam,
+    Health,
+    LayerInfo,
+    ModelInfo,
+    Prediction,
+)
 
 if TYPE_CHECKING:
     from cnnkit_client._grpc import AsyncGrpcClient, GrpcClient
@@ -55,6 +64,8 @@ __all__ = [
     "CnnkitError",
     "ConnectError",
     "FeatureMaps",
+    "FilterPatterns",
+    "GradCam",
     "GrpcClient",
     "Health",
     "InvalidInputError",

@@ -22,13 +22,23 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from cnnkit_client._plan import Plan, arun, run
+from cnnkit_client._plan import Plan, arun, run, slow_timeout
 from cnnkit_client.errors import CnnkitError, InvalidInputError, ServerError, from_grpc_code
 from cnnkit_client.images import ImageLike, chunks, encode_image, encode_images
 from cnnkit_client.protos.tfs import classification_pb2, predict_pb2
 from cnnkit_client.retry import Retry
 from cnnkit_client.tensors import to_ndarray, to_tensor_proto
-from cnnkit_client.types import ClassScore, FeatureMaps, Health, ModelInfo, Prediction
+from cnnkit_client.types import (
+    ClassScore,
+    FeatureMaps,
+    FilterPatterns,
+    GradCam,
+    Health,
+    ModelInfo,
+    Prediction,
+    filter_patterns_body,
+    gradcam_body,
+)
 
 DEFAULT_TARGET = "127.0.0.1:8500"
 DEFAULT_TIMEOUT = 30.0
@@ -178,6 +188,18 @@ class _GrpcApi:
 
         return self._with_info(model, version, predict)
 
+    def _gradcam_plan(self, image: ImageLike, model: str, target: int | str | None,
+                      version: int | None) -> Plan[GradCam]:
+        body = gradcam_body(encode_image(image), model, version, target)
+        return Plan([_Call(EXTENSIONS + "GradCam", _json_bytes(body), json.loads)],
+                    lambda answers: GradCam.from_dict(answers[0]))
+
+    def _filter_patterns_plan(self, model: str, layer: str | None, filters: int | Sequence[int] | None,
+                              steps: int, seed: int, version: int | None, arrays: bool) -> Plan[FilterPatterns]:
+        body = filter_patterns_body(model, version, layer, filters, steps, seed, arrays)
+        return Plan([_Call(EXTENSIONS + "FilterPatterns", _json_bytes(body), json.loads)],
+                    lambda answers: FilterPatterns.from_dict(answers[0]))
+
     def _models_plan(self) -> Plan[list[ModelInfo]]:
         def parse(data: bytes) -> list[ModelInfo]:
             return [ModelInfo.from_dict(item) for item in json.loads(data)["models"]]
@@ -249,6 +271,18 @@ class GrpcClient(_GrpcApi):
                      version: int | None = None, as_png: bool = False, timeout: float | None = None) -> FeatureMaps:
         return self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
 
+    def gradcam(self, image: ImageLike, *, model: str, target: int | str | None = None,
+                version: int | None = None, timeout: float | None = None) -> GradCam:
+        """Grad-CAM of one image for a class (name or index; default: the predicted class)."""
+        return self._run(self._gradcam_plan(image, model, target, version), slow_timeout(timeout, self.timeout))
+
+    def filter_patterns(self, *, model: str, layer: str | None = None, filters: int | Sequence[int] | None = None,
+                        steps: int = 40, seed: int = 0, version: int | None = None, arrays: bool = False,
+                        timeout: float | None = None) -> FilterPatterns:
+        """What each filter of a conv layer responds to (default: the last conv layer, first 64 filters)."""
+        return self._run(self._filter_patterns_plan(model, layer, filters, steps, seed, version, arrays),
+                         slow_timeout(timeout, self.timeout))
+
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return self._run(self._models_plan(), timeout)
 
@@ -310,6 +344,18 @@ class AsyncGrpcClient(_GrpcApi):
                            version: int | None = None, as_png: bool = False,
                            timeout: float | None = None) -> FeatureMaps:
         return await self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
+
+    async def gradcam(self, image: ImageLike, *, model: str, target: int | str | None = None,
+                      version: int | None = None, timeout: float | None = None) -> GradCam:
+        return await self._run(self._gradcam_plan(image, model, target, version),
+                               slow_timeout(timeout, self.timeout))
+
+    async def filter_patterns(self, *, model: str, layer: str | None = None,
+                              filters: int | Sequence[int] | None = None, steps: int = 40, seed: int = 0,
+                              version: int | None = None, arrays: bool = False,
+                              timeout: float | None = None) -> FilterPatterns:
+        return await self._run(self._filter_patterns_plan(model, layer, filters, steps, seed, version, arrays),
+                               slow_timeout(timeout, self.timeout))
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return await self._run(self._models_plan(), timeout)

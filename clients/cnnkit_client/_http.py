@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
-from cnnkit_client._plan import Plan, arun, run
+from cnnkit_client._plan import Plan, arun, run, slow_timeout
 from cnnkit_client.errors import (
     CnnkitError,
     ConnectError,
@@ -25,7 +25,18 @@ from cnnkit_client.errors import (
 )
 from cnnkit_client.images import ImageLike, chunks, encode_image, encode_images
 from cnnkit_client.retry import Retry
-from cnnkit_client.types import FeatureMaps, Health, ModelInfo, Prediction, decode_array, predictions_from_rows
+from cnnkit_client.types import (
+    FeatureMaps,
+    FilterPatterns,
+    GradCam,
+    Health,
+    ModelInfo,
+    Prediction,
+    decode_array,
+    filter_patterns_body,
+    gradcam_body,
+    predictions_from_rows,
+)
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_TIMEOUT = 30.0
@@ -133,6 +144,17 @@ class _Api:
 
         return Plan([call], finish)
 
+    def _gradcam_plan(self, image: ImageLike, model: str, target: int | str | None,
+                      version: int | None) -> Plan[GradCam]:
+        body = gradcam_body(encode_image(image), model, version, target)
+        return Plan([_Call("POST", "/gradcam_json", json=body)], lambda answers: GradCam.from_dict(answers[0].data))
+
+    def _filter_patterns_plan(self, model: str, layer: str | None, filters: int | Sequence[int] | None,
+                              steps: int, seed: int, version: int | None, arrays: bool) -> Plan[FilterPatterns]:
+        body = filter_patterns_body(model, version, layer, filters, steps, seed, arrays)
+        return Plan([_Call("POST", "/filter_patterns", json=body)],
+                    lambda answers: FilterPatterns.from_dict(answers[0].data))
+
     def _models_plan(self) -> Plan[list[ModelInfo]]:
         return Plan([_Call("GET", "/models/")],
                      lambda answers: [ModelInfo.from_dict(item) for item in answers[0].data["models"]])
@@ -212,6 +234,21 @@ class Client(_Api):
         """Activations of the named layers (default: every convolution) for one image, or PNG grids."""
         return self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
 
+    def gradcam(self, image: ImageLike, *, model: str, target: int | str | None = None,
+                version: int | None = None, timeout: float | None = None) -> GradCam:
+        """Grad-CAM of one image for a class (name or index; default: the predicted class)."""
+        return self._run(self._gradcam_plan(image, model, target, version), slow_timeout(timeout, self._timeout))
+
+    def filter_patterns(self, *, model: str, layer: str | None = None, filters: int | Sequence[int] | None = None,
+                        steps: int = 40, seed: int = 0, version: int | None = None, arrays: bool = False,
+                        timeout: float | None = None) -> FilterPatterns:
+        """What each filter of a conv layer responds to (default: the last conv layer, first 64 filters).
+
+        The first call for a layer can take seconds to minutes (it is cached per model version).
+        """
+        return self._run(self._filter_patterns_plan(model, layer, filters, steps, seed, version, arrays),
+                         slow_timeout(timeout, self._timeout))
+
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the service serves (its latest version)."""
         return self._run(self._models_plan(), timeout)
@@ -263,6 +300,17 @@ class AsyncClient(_Api):
                            version: int | None = None, as_png: bool = False,
                            timeout: float | None = None) -> FeatureMaps:
         return await self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
+
+    async def gradcam(self, image: ImageLike, *, model: str, target: int | str | None = None,
+                      version: int | None = None, timeout: float | None = None) -> GradCam:
+        return await self._run(self._gradcam_plan(image, model, target, version), slow_timeout(timeout, self._timeout))
+
+    async def filter_patterns(self, *, model: str, layer: str | None = None,
+                              filters: int | Sequence[int] | None = None, steps: int = 40, seed: int = 0,
+                              version: int | None = None, arrays: bool = False,
+                              timeout: float | None = None) -> FilterPatterns:
+        return await self._run(self._filter_patterns_plan(model, layer, filters, steps, seed, version, arrays),
+                               slow_timeout(timeout, self._timeout))
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return await self._run(self._models_plan(), timeout)

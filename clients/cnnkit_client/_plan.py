@@ -17,6 +17,17 @@ from cnnkit_client.retry import Retry
 
 T = TypeVar("T")
 
+# Explanations can be slow the first time (the service starts TensorFlow, computes filter patterns):
+# unless a call says otherwise, they wait at least this long.
+SLOW_CALL_TIMEOUT = 120.0
+
+
+def slow_timeout(requested: float | None, default: float | None) -> float | None:
+    """The timeout of a slow call: the one asked for, else the client's, raised to SLOW_CALL_TIMEOUT."""
+    if requested is not None:
+        return requested
+    return None if default is None else max(default, SLOW_CALL_TIMEOUT)
+
 
 @dataclass
 class Plan(Generic[T]):

@@ -111,6 +111,91 @@ class FeatureMaps(Mapping[str, Any]):
 
 
 @dataclass(frozen=True)
+class GradCam:
+    """Where in one image the evidence for a class lies (Grad-CAM at the model's last conv layer).
+
+    ``heatmap`` is (H, W) in [0, 1] at the model's input size; ``overlay_png`` is the PNG of the
+    heatmap in the jet colour map over the image; ``predicted`` is the model's top class.
+    """
+
+    model: str
+    version: int
+    layer: str
+    class_name: str
+    class_index: int
+    probability: float
+    predicted: ClassScore
+    heatmap: np.ndarray = field(repr=False)
+    overlay_png: bytes = field(repr=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GradCam:
+        import base64
+
+        predicted = data["predicted"]
+        return cls(model=data["model"], version=int(data["version"]), layer=data["layer"],
+                   class_name=data["class_name"], class_index=int(data["class_index"]),
+                   probability=float(data["probability"]),
+                   predicted=ClassScore(predicted["class_name"], int(predicted["class_index"]),
+                                        float(predicted["probability"])),
+                   heatmap=decode_array(data["heatmap"]).astype(np.float32),
+                   overlay_png=base64.b64decode(data["overlay_png"]))
+
+
+@dataclass(frozen=True)
+class FilterPatterns:
+    """The input patterns that most excite each chosen filter of a conv layer.
+
+    ``grid_png`` tiles them, 8 to a row; ``mean_activation`` is (filters, 2): each filter's mean
+    activation before and after the gradient ascent; ``dead`` lists filters that never fired (drawn
+    black). ``patterns`` (filters, H, W, C) uint8 comes only when asked for with ``arrays=True``.
+    ``cached`` says the service had computed them before.
+    """
+
+    model: str
+    version: int
+    layer: str
+    filters: tuple[int, ...]
+    steps: int
+    seed: int
+    mean_activation: np.ndarray = field(repr=False)
+    dead: tuple[int, ...]
+    cached: bool
+    grid_png: bytes = field(repr=False)
+    patterns: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FilterPatterns:
+        import base64
+
+        return cls(model=data["model"], version=int(data["version"]), layer=data["layer"],
+                   filters=tuple(int(index) for index in data["filters"]), steps=int(data["steps"]),
+                   seed=int(data["seed"]), mean_activation=np.asarray(data["mean_activation"], np.float32),
+                   dead=tuple(int(index) for index in data.get("dead", ())), cached=bool(data["cached"]),
+                   grid_png=base64.b64decode(data["grid_png"]),
+                   patterns=decode_array(data["patterns"]) if data.get("patterns") else None)
+
+
+def gradcam_body(image_file: bytes, model: str, version: int | None, target: int | str | None) -> dict[str, Any]:
+    """The JSON request of ``/gradcam_json`` and ``Extensions/GradCam``: a class by name (str) or index (int)."""
+    import base64
+
+    if target is not None and not isinstance(target, int | str):
+        raise TypeError(f"target must be a class name (str) or index (int), got {target!r}.")
+    return {"model": model, "version": version, "image_b64": base64.b64encode(image_file).decode("ascii"),
+            "class_name": target if isinstance(target, str) else None,
+            "class_index": target if isinstance(target, int) else None, "dtype": "float32"}
+
+
+def filter_patterns_body(model: str, version: int | None, layer: str | None, filters: int | Sequence[int] | None,
+                         steps: int, seed: int, arrays: bool) -> dict[str, Any]:
+    """The JSON request of ``/filter_patterns`` and ``Extensions/FilterPatterns``."""
+    return {"model": model, "version": version, "layer": layer,
+            "filters": filters if filters is None or isinstance(filters, int) else [int(i) for i in filters],
+            "steps": steps, "seed": seed, "arrays": arrays}
+
+
+@dataclass(frozen=True)
 class Health:
     """``live``: the process answers; ``ready``: models are loaded and it serves predictions."""
 
