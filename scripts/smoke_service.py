@@ -97,6 +97,22 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{name} {value.shape}" for name, value in maps.items()))
     if [p.label for p in over_http] != [p.label for p in over_grpc]:
         problems.append("the SDK's HTTP and gRPC answers disagree")
+
+    # Seeing inside: Grad-CAM of the first digit over HTTP, filter patterns over gRPC.
+    with Client(args.http) as http_client, GrpcClient(args.grpc) as grpc_client:
+        heat = http_client.gradcam(images[0], model=args.model)
+        patterns = grpc_client.filter_patterns(model=args.model, filters=16)
+    print(f"SDK   gradcam: class {heat.class_name} (p={heat.probability:.3f}) at {heat.layer}, heatmap "
+          f"{heat.heatmap.shape} peak at {np.unravel_index(heat.heatmap.argmax(), heat.heatmap.shape)}; "
+          f"filter_patterns: {patterns.layer} {len(patterns.filters)} filters, {len(patterns.dead)} dead")
+    if heat.class_name != over_http[0].label:
+        problems.append("Grad-CAM explained another class than the predicted one")
+    if args.save_images:
+        from pathlib import Path
+
+        Path(args.save_images).mkdir(parents=True, exist_ok=True)
+        (Path(args.save_images).parent / "main-gradcam.png").write_bytes(heat.overlay_png)
+        (Path(args.save_images).parent / "main-filter-patterns.png").write_bytes(patterns.grid_png)
     if args.save_images:
         from pathlib import Path
 

@@ -316,3 +316,14 @@ def test_filter_patterns_command(tiny_digits_run, tmp_path, capsys):
     assert height == 84 and width == 6 * 84 + 5 * 2  # one row of six 28 px patterns, tripled
     assert cli_main(["filter-patterns", str(tiny_digits_run), "--layer", "pool1"]) == 2
     assert "no convolution layer 'pool1'" in capsys.readouterr().err
+
+
+def test_a_freshly_built_vgg16_transfer_model_can_be_explained_and_exported():
+    """Its layers are copies of the VGG16 base's, so each layer's output belongs to this model."""
+    from training.export import ServingGraph
+    from training.models import create_model
+
+    model = create_model("vgg16_transfer", weights="none", input_shape=(32, 32, 3))
+    assert len(ServingGraph(model).layers) == 18
+    result = KerasExplainer(model, ["cat", "dog"]).gradcam(np.full((32, 32, 3), 128, np.float32))
+    assert result.layer == "block5_conv3" and result.heatmap.shape == (32, 32)

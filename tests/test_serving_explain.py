@@ -148,6 +148,26 @@ def test_a_full_queue_answers_503(store, digit, tmp_path):
         busy.close()
 
 
+def test_a_request_that_gives_up_leaves_the_patterns_computing_into_the_cache(store, tmp_path):
+    impatient = Explanations(cache_dir=tmp_path, timeout=0.2, threads=1)
+    model = store.get("digits")
+    try:
+        with pytest.raises(UnavailableError, match="took longer than"):
+            impatient.filter_patterns(model, "conv1", 3, steps=5)  # the worker is still starting
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                result = impatient.filter_patterns(model, "conv1", 3, steps=5)
+                break
+            except UnavailableError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert result.filters == [0, 1, 2]
+        assert impatient.computed_filters == 3 and impatient.workers_started == 1  # computed once
+    finally:
+        impatient.close()
+
+
 def test_a_killed_worker_is_replaced(store, digit, tmp_path):
     model = store.get("digits")
     explanations = Explanations(cache_dir=tmp_path, threads=1)

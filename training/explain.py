@@ -212,80 +212,80 @@ def deprocess_pattern(image: np.ndarray) -> np.ndarray:
     return (np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def optimise_filters(
-    activations: Callable[[Any], Any],
-    input_shape: Sequence[int],
-    filters: Sequence[int],
-    *,
-    steps: int = PATTERN_STEPS,
-    step_size: float = PATTERN_STEP_SIZE,
-    seed: int = 0,
-    batch_size: int = PATTERN_BATCH,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Gradient ascent on each filter's mean activation, all filters of a chunk as one batch.
+class FilterAscent:
+    """Gradient ascent on filters' mean activations in one layer, traced once and reused.
 
     ``activations(images)`` returns the layer's activations (N, h, w, channels) for a float32 batch
-    of raw pixels. Returns the patterns (F, H, W, C) as uint8 and each filter's mean activation
-    (F, 2) before and after the ascent; a filter whose activation stays 0 (it never fires from any
-    start) is drawn black. ``progress`` is called with the number of filters done.
+    of raw pixels (any batch size).
     """
-    import tensorflow as tf
 
-    if steps < 1:
-        raise ExplainError(f"steps must be at least 1, got {steps}.")
-    height, width, channels = (int(size) for size in input_shape)
-    input_shape = (height, width, channels)
-    generator = np.random.default_rng(seed)
+    def __init__(self, activations: Callable[[Any], Any], input_shape: Sequence[int], *,
+                 steps: int = PATTERN_STEPS, step_size: float = PATTERN_STEP_SIZE):
+        import tensorflow as tf
 
-    def mean_activation(images, indices):
-        values = tf.cast(activations(images), tf.float32)
-        # Leave out a 2-pixel border where there is one, as the course does, to avoid edge effects.
-        if values.shape[1] is not None and values.shape[1] > 4 and values.shape[2] > 4:
-            values = values[:, 2:-2, 2:-2, :]
-        per_filter = tf.reduce_mean(values, axis=(1, 2))
-        return tf.gather(per_filter, indices, axis=1, batch_dims=1)
+        if steps < 1:
+            raise ExplainError(f"steps must be at least 1, got {steps}.")
+        height, width, channels = (int(size) for size in input_shape)
+        self.input_shape = (height, width, channels)
+        # Any batch size with one trace: the last chunk is smaller, and a signature may leave it unknown.
+        specs = [tf.TensorSpec((None, height, width, channels), tf.float32), tf.TensorSpec((None,), tf.int32)]
 
-    # Any batch size with one trace: the last chunk is smaller, and a signature may leave it unknown.
-    @tf.function(input_signature=[tf.TensorSpec((None, height, width, channels), tf.float32),
-                                  tf.TensorSpec((None,), tf.int32)])
-    def ascend(images, indices):
-        for _ in tf.range(steps):
-            with tf.GradientTape() as tape:
-                tape.watch(images)
-                loss = tf.reduce_sum(mean_activation(images, indices))
-            gradients = tape.gradient(loss, images)
-            scale = tf.sqrt(tf.reduce_mean(tf.square(gradients), axis=(1, 2, 3), keepdims=True)) + 1e-5
-            images = images + step_size * gradients / scale
-        return images
+        def mean_activation(images, indices):
+            values = tf.cast(activations(images), tf.float32)
+            # Leave out a 2-pixel border where there is one, as the course does, to avoid edge effects.
+            if values.shape[1] is not None and values.shape[1] > 4 and values.shape[2] > 4:
+                values = values[:, 2:-2, 2:-2, :]
+            per_filter = tf.reduce_mean(values, axis=(1, 2))
+            return tf.gather(per_filter, indices, axis=1, batch_dims=1)
 
-    patterns, gains = [], []
-    chosen = [int(index) for index in filters]
-    for start in range(0, len(chosen), batch_size):
-        indices = np.asarray(chosen[start : start + batch_size], dtype=np.int32)
-        shape = (len(indices), height, width, channels)
-        # Grey with a little noise first. A ReLU filter that is silent there has no gradient to
-        # climb, so those filters start again from full-range noise, then from dark noise.
-        images = generator.random(shape, dtype=np.float32) * 20.0 + 128.0
-        before = mean_activation(tf.constant(images), indices).numpy()
-        for amplitude, offset in ((255.0, 0.0), (40.0, 0.0)):
-            silent = before <= 0
-            if not silent.any():
-                break
-            candidate = generator.random(shape, dtype=np.float32) * amplitude + offset
-            response = mean_activation(tf.constant(candidate), indices).numpy()
-            better = silent & (response > 0)
-            images[better] = candidate[better]
-            before = np.where(better, response, before)
-        result = ascend(tf.constant(images), tf.constant(indices))
-        after = mean_activation(result, indices).numpy()
-        for image, value in zip(result.numpy(), after, strict=True):
-            # A filter that never fires shows as a black cell rather than as meaningless noise.
-            patterns.append(deprocess_pattern(image) if value > 0 else np.zeros(input_shape, np.uint8))
-        gains.append(np.stack([before, after], axis=1))
-        if progress is not None:
-            progress(len(indices))
-    return np.stack(patterns), np.concatenate(gains).astype(np.float32)
+        def ascend(images, indices):
+            for _ in tf.range(steps):
+                with tf.GradientTape() as tape:
+                    tape.watch(images)
+                    loss = tf.reduce_sum(mean_activation(images, indices))
+                gradients = tape.gradient(loss, images)
+                scale = tf.sqrt(tf.reduce_mean(tf.square(gradients), axis=(1, 2, 3), keepdims=True)) + 1e-5
+                images = images + step_size * gradients / scale
+            return images
+
+        self.mean_activation = tf.function(mean_activation, input_signature=specs)
+        self.ascend = tf.function(ascend, input_signature=specs)
+
+    def run(self, filters: Sequence[int], *, seed: int = 0, batch_size: int = PATTERN_BATCH,
+            progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The patterns (F, H, W, C) as uint8 and each filter's mean activation (F, 2) before and
+        after the ascent; a filter whose activation stays 0 (it never fires from any start) is
+        drawn black. ``progress`` is called with the number of filters done."""
+        import tensorflow as tf
+
+        generator = np.random.default_rng(seed)
+        patterns, gains = [], []
+        chosen = [int(index) for index in filters]
+        for start in range(0, len(chosen), batch_size):
+            indices = tf.constant(np.asarray(chosen[start : start + batch_size], dtype=np.int32))
+            shape = (int(indices.shape[0]), *self.input_shape)
+            # Grey with a little noise first. A ReLU filter that is silent there has no gradient to
+            # climb, so those filters start again from full-range noise, then from dark noise.
+            images = generator.random(shape, dtype=np.float32) * 20.0 + 128.0
+            before = self.mean_activation(tf.constant(images), indices).numpy()
+            for amplitude in (255.0, 40.0):
+                silent = before <= 0
+                if not silent.any():
+                    break
+                candidate = generator.random(shape, dtype=np.float32) * amplitude
+                response = self.mean_activation(tf.constant(candidate), indices).numpy()
+                better = silent & (response > 0)
+                images[better] = candidate[better]
+                before = np.where(better, response, before)
+            result = self.ascend(tf.constant(images), indices)
+            after = self.mean_activation(result, indices).numpy()
+            for image, value in zip(result.numpy(), after, strict=True):
+                # A filter that never fires shows as a black cell rather than as meaningless noise.
+                patterns.append(deprocess_pattern(image) if value > 0 else np.zeros(self.input_shape, np.uint8))
+            gains.append(np.stack([before, after], axis=1))
+            if progress is not None:
+                progress(int(indices.shape[0]))
+        return np.stack(patterns), np.concatenate(gains).astype(np.float32)
 
 
 # Two sources: a Keras model and an exported SavedModel -------------------------------------------
@@ -313,6 +313,7 @@ class BaseExplainer:
     input_shape: tuple[int, int, int]
     conv_layers: list[str]
     layer_channels: dict[str, int]
+    _ascents: dict[tuple[str, int], FilterAscent]
 
     def _gradcam_batch(self, images: np.ndarray, classes: np.ndarray, layer: str) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -355,8 +356,10 @@ class BaseExplainer:
         """(filter indices, patterns (F, H, W, C) uint8, mean activation before/after (F, 2))."""
         chosen_layer = check_conv_layer(layer, self.conv_layers, self.name)
         indices = check_filters(filters, self.layer_channels[chosen_layer], chosen_layer)
-        patterns, gains = optimise_filters(self._activations(chosen_layer), self.input_shape, indices,
-                                           steps=steps, seed=seed, progress=progress)
+        key = (chosen_layer, steps)
+        if key not in self._ascents:  # traced once per layer and step count
+            self._ascents[key] = FilterAscent(self._activations(chosen_layer), self.input_shape, steps=steps)
+        patterns, gains = self._ascents[key].run(indices, seed=seed, progress=progress)
         return indices, patterns, gains
 
 
@@ -375,6 +378,7 @@ class KerasExplainer(BaseExplainer):
         count = 2 if units == 1 else units
         self.class_names = list(class_names) if class_names else [str(index) for index in range(count)]
         self._graphs: dict[str, Any] = {}
+        self._ascents: dict[tuple[str, int], FilterAscent] = {}
 
     def default_gradcam_layer(self) -> str | None:
         return default_gradcam_layer(self.model)
@@ -415,6 +419,7 @@ class SavedModelExplainer(BaseExplainer):
         self.layer_channels = {layer["name"]: int(layer["output_shape"][-1]) for layer in conv}
         self.loaded = tf.saved_model.load(str(self.path))
         self.gradcam_layer = (metadata.get("explain") or {}).get("gradcam_layer")
+        self._ascents: dict[tuple[str, int], FilterAscent] = {}
 
     def gradcam_layers(self) -> list[str]:
         if GRADCAM_SIGNATURE not in self.loaded.signatures or not self.gradcam_layer:

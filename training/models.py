@@ -240,9 +240,14 @@ def vgg16_transfer(
     base = _vgg16_base(shape, weights)
     inputs = _image_input(shape)
     x = VGGPreprocess(name="vgg_preprocess")(inputs)
-    for layer in base.layers[1:]:
+    for base_layer in base.layers[1:]:
+        # A fresh copy of each layer with the base's weights: calling the base's own layers again
+        # would give them a second graph node, and `layer.output` (feature maps, Grad-CAM, export)
+        # would then point into the base model instead of this one.
+        layer = base_layer.__class__.from_config(base_layer.get_config())
         layer.trainable = False
         x = layer(x)
+        layer.set_weights(base_layer.get_weights())
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(dense_units, activation="relu", name="fc1")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
