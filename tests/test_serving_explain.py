@@ -95,6 +95,19 @@ def test_models_exported_before_gradcam_are_told_to_export_again(core, store, di
     assert core.describe(model)["explain"] == {"gradcam_layer": "conv2", "conv_layers": ["conv1", "conv2", "conv3"]}
 
 
+def test_models_without_convolutions_are_refused(core, store, digit):
+    from dataclasses import replace
+
+    model = store.get("digits")
+    pools_only = dict(model.metadata, explain={"gradcam_layer": None},
+                      feature_layers=[layer for layer in model.feature_layers if "Pool" in layer["kind"]])
+    flat = replace(model, metadata=pools_only)
+    with pytest.raises(InvalidInputError, match="has no convolution layer: there is no heatmap"):
+        core.gradcam(flat, digit)
+    with pytest.raises(InvalidInputError, match="has no convolution layer: it has no filters"):
+        core.filter_patterns(flat)
+
+
 def test_filter_patterns_are_cached_per_filter_and_on_disk(core, store, explanations):
     model = store.get("digits")
     before = explanations.computed_filters
