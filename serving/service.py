@@ -67,6 +67,18 @@ def repository_from_bento_store(tags: list[str]) -> Path:
     return root
 
 
+# Image files up to this size are decoded in the event loop: a 28x28 PNG decodes in about 50 µs,
+# less than handing it to a worker thread costs; larger files (photos) go to a thread.
+INLINE_DECODE_BYTES = 32 * 1024
+
+
+async def _off_loop_if_large(size: int, function, *args):
+    """``function(*args)`` in the event loop for small inputs, else in a worker thread."""
+    if size <= INLINE_DECODE_BYTES:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
+
+
 def _current_core() -> InferenceCore:
     service = bentoml.get_current_service()
     if service is None:
@@ -144,9 +156,10 @@ class Classifier:
         """Classify one uploaded image file (multipart): the top-k classes with probabilities."""
         try:
             served = self.core.model(model, version)
-            # Decoding runs in a worker thread (Pillow releases the GIL): in the event loop it
-            # would decode every concurrent request's images one after the other.
-            pixels = await asyncio.to_thread(decode_image, image.read_bytes(), served.input_shape, self.core.limits)
+            # Large files are decoded in a worker thread (Pillow releases the GIL): in the event
+            # loop they would be decoded one concurrent request after the other.
+            data = image.read_bytes()
+            pixels = await _off_loop_if_large(len(data), decode_image, data, served.input_shape, self.core.limits)
             result = await self.core.classify(served, pixels[None].astype("float32"), top_k)
             return result.to_dict()
         except ServingError as error:
@@ -163,8 +176,9 @@ class Classifier:
                 raise InvalidInputError("Send exactly one of 'images' (base64 files) or 'instances' (pixels).")
             if images is not None:
                 check_count(len(images), self.core.limits)  # before decoding any base64
-                batch = await asyncio.to_thread(decode_images, [decode_base64(text) for text in images],
-                                                served.input_shape, self.core.limits)
+                files = [decode_base64(text) for text in images]
+                batch = await _off_loop_if_large(sum(map(len, files)), decode_images, files,
+                                                 served.input_shape, self.core.limits)
             else:
                 batch = tensor_from_json(instances, served.input_shape, self.core.limits)
             return (await self.core.classify(served, batch, top_k)).to_dict()
