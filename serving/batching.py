@@ -9,13 +9,14 @@ grow by themselves, so throughput grows instead of requests being refused. ``max
 answered 503: the queue is bounded only by the service's concurrency limit.
 
 Requests are validated before they are queued, so one caller's bad input never fails another
-caller's batch.
+caller's batch. :class:`ThreadBatcher` does the same for callers on threads (gRPC).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -120,3 +121,97 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_result({name: value[start:end] for name, value in outputs.items()})
             start = end
+
+
+@dataclass
+class _Waiting:
+    images: np.ndarray
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
+    outputs: dict[str, np.ndarray] | None = None
+    error: BaseException | None = None
+    lead: bool = False
+
+
+class ThreadBatcher:
+    """The same natural batching for callers on threads (the gRPC server), without an event loop.
+
+    The first caller that finds no batch running runs one itself, in its own thread, so a lone
+    request pays no hand-off at all. Callers that arrive meanwhile wait; when the batch is done the
+    finishing caller passes the lead to the oldest waiting one, which runs everything queued by
+    then (up to ``max_batch_size`` images) as the next batch.
+    """
+
+    def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
+                 on_batch: Callable[[int], None] | None = None):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1.")
+        self.infer = infer
+        self.max_batch_size = max_batch_size
+        self.on_batch = on_batch
+        self.stats = BatchStats()
+        self._lock = threading.Lock()
+        self._queue: list[_Waiting] = []
+        self._running = False
+
+    def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Run ``images`` (N, ...) in the next batch and return the outputs for exactly those N."""
+        if len(images) > self.max_batch_size:
+            return self._run_batch(images)
+        item = _Waiting(images)
+        with self._lock:
+            self._queue.append(item)
+            lead = not self._running
+            self._running = True
+        if not lead:
+            item.done.wait()
+            if not item.lead:
+                return self._result(item)
+        # Leading: this caller's item is the oldest queued, so it is in the batch taken now.
+        with self._lock:
+            batch: list[_Waiting] = []
+            count = 0
+            while self._queue and (not batch or count + len(self._queue[0].images) <= self.max_batch_size):
+                taken = self._queue.pop(0)
+                batch.append(taken)
+                count += len(taken.images)
+        self._dispatch(batch)
+        with self._lock:
+            if self._queue:
+                following = self._queue[0]
+                following.lead = True
+                following.done.set()
+            else:
+                self._running = False
+        return self._result(item)
+
+    @staticmethod
+    def _result(item: _Waiting) -> dict[str, np.ndarray]:
+        if item.error is not None:
+            raise item.error
+        assert item.outputs is not None
+        return item.outputs
+
+    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.infer(images)
+        self.stats.batches += 1
+        self.stats.images += len(images)
+        if self.on_batch is not None:
+            self.on_batch(len(images))
+        return outputs
+
+    def _dispatch(self, batch: list[_Waiting]) -> None:
+        try:
+            images = np.concatenate([item.images for item in batch]) if len(batch) > 1 else batch[0].images
+            outputs = self._run_batch(images)
+        except Exception as error:  # noqa: BLE001 - every caller of the batch gets the error.
+            for item in batch:
+                item.error = error
+        else:
+            start = 0
+            for item in batch:
+                end = start + len(item.images)
+                item.outputs = {name: value[start:end] for name, value in outputs.items()}
+                start = end
+        for item in batch:
+            item.lead = False
+            item.done.set()

@@ -10,7 +10,6 @@ Importing ``tensorflow_serving.apis`` imports TensorFlow (for its protos); only 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -23,6 +22,7 @@ import grpc
 import numpy as np
 
 from serving import metrics
+from serving.batching import ThreadBatcher
 from serving.core import InferenceCore
 from serving.errors import InvalidInputError, NotFoundError, ServingError
 from serving.explain import Explanations
@@ -134,36 +134,36 @@ def _rpc(endpoint: str) -> Callable:
 
 
 class BatchBridge:
-    """Micro-batching for the gRPC threads: an event loop of its own runs the batchers of an
-    ``InferenceCore`` (its own, as batchers belong to one loop), and each gRPC thread waits for its
-    rows. Concurrent Predict/Classify calls for one model version thus share ONNX Runtime calls."""
+    """Micro-batching for the gRPC threads: a :class:`ThreadBatcher` per model version, so
+    concurrent Predict/Classify calls for one version share ONNX Runtime calls while a lone call
+    runs in its own thread with no hand-off."""
 
-    def __init__(self, core: InferenceCore):
-        self.core = core
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="cnnkit-grpc-batching", daemon=True)
-        self.thread.start()
+    def __init__(self, store: ModelStore, max_batch_size: int = 64):
+        self.store = store
+        self.max_batch_size = max_batch_size
+        self._batchers: dict[tuple[str, int], ThreadBatcher] = {}
+        self._lock = threading.Lock()
+
+    def batcher(self, model: LoadedModel) -> ThreadBatcher:
+        key = (model.name, model.version)
+        with self._lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                # Forget the batchers of retired versions, so their sessions can be freed.
+                served = {(item.name, item.version) for item in self.store.all_models()}
+                self._batchers = {name: value for name, value in self._batchers.items() if name in served}
+                batcher = self._batchers[key] = ThreadBatcher(
+                    lambda images: model.run(images, ["probabilities"]), max_batch_size=self.max_batch_size,
+                    on_batch=lambda size: metrics.record_batch(model.name, size),
+                )
+            return batcher
 
     def probabilities(self, model: LoadedModel, images: np.ndarray) -> np.ndarray:
-        async def submit() -> np.ndarray:
-            return (await self.core.batcher(model).submit(images))["probabilities"]
-
-        return asyncio.run_coroutine_threadsafe(submit(), self.loop).result()
+        return self.batcher(model).submit(images)["probabilities"]
 
     def close(self) -> None:
-        """Stop the batchers and the loop (the gRPC server must not take calls any more)."""
-
-        async def finish() -> None:
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.loop.shutdown_default_executor()
-
-        asyncio.run_coroutine_threadsafe(finish(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.loop.close()
+        with self._lock:
+            self._batchers.clear()
 
 
 class PredictionService:
@@ -439,10 +439,10 @@ def build_server(store: ModelStore, *, host: str = "127.0.0.1", port: int = 8500
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    # One InferenceCore for the gRPC side (its batchers live on the bridge's event loop).
+    # One InferenceCore for the gRPC side's model descriptions, feature maps and explanations.
     core = InferenceCore(store, limits=limits, explanations=explanations)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(store, limits, BatchBridge(core) if batching else None), server)
+        PredictionService(store, limits, BatchBridge(store) if batching else None), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(store), server)
     server.add_generic_rpc_handlers((Extensions(core).handler(),))
     health_servicer = health.HealthServicer()

@@ -107,3 +107,59 @@ def test_batch_size_callback_and_limits():
     assert seen == [3]
     with pytest.raises(ValueError, match="max_batch_size"):
         MicroBatcher(lambda images: {}, max_batch_size=0)
+
+
+def test_thread_batcher_runs_a_lone_call_in_the_callers_thread():
+    from serving.batching import ThreadBatcher
+
+    threads = []
+
+    def infer(images):
+        threads.append(threading.get_ident())
+        return {"double": images * 2}
+
+    batcher = ThreadBatcher(infer, max_batch_size=4)
+    result = batcher.submit(np.ones((1, 3), np.float32))
+    assert threads == [threading.get_ident()] and result["double"].tolist() == [[2, 2, 2]]
+    # A call larger than a batch runs alone.
+    assert batcher.submit(np.ones((6, 3), np.float32))["double"].shape == (6, 3)
+    assert (batcher.stats.batches, batcher.stats.images) == (2, 7)
+
+
+def test_thread_batcher_merges_concurrent_calls_and_shares_errors():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.batching import ThreadBatcher
+
+    sizes = []
+    gate = threading.Event()
+
+    def infer(images):
+        gate.wait(5)  # the first batch holds until the others have queued
+        sizes.append(len(images))
+        if (images < 0).any():
+            raise ValueError("negative pixels")
+        return {"same": images.copy()}
+
+    batcher = ThreadBatcher(infer, max_batch_size=8)
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(batcher.submit, np.full((1, 2), index, np.float32)) for index in range(12)]
+        time.sleep(0.3)
+        gate.set()
+        rows = [future.result()["same"][0, 0] for future in futures]
+    assert rows == list(range(12))  # every caller gets its own row
+    assert max(sizes) > 1 and sum(sizes) == 12 and max(sizes) <= 8
+    # One bad call in a batch fails that batch's callers with the error, and the batcher goes on.
+    gate.clear()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(batcher.submit, np.full((1, 2), value, np.float32)) for value in (1, -1, 2, 3)]
+        time.sleep(0.3)
+        gate.set()
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(float(future.result()["same"][0, 0]))
+            except ValueError as error:
+                outcomes.append(str(error))
+    assert "negative pixels" in outcomes
+    assert batcher.submit(np.full((1, 2), 5, np.float32))["same"][0, 0] == 5

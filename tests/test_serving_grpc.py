@@ -257,21 +257,20 @@ def test_api_key_guards_everything_but_health(digits_repository, digits):
 def test_concurrent_grpc_predictions_share_batches_and_get_their_own_rows(digits_repository, digits):
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving.core import InferenceCore
     from serving.grpc_server import BatchBridge
     from serving.model_store import ModelStore
 
     store = ModelStore(digits_repository)
     store.refresh()
     model = store.get("digits")
-    bridge = BatchBridge(InferenceCore(store))
+    bridge = BatchBridge(store)
     images = digits[0][:8].astype(np.float32)
     expected = model.predict(images)
     try:
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda index: (index, bridge.probabilities(model, images[index % 8][None])),
                                     range(320)))
-        stats = bridge.core.batcher(model).stats
+        stats = bridge.batcher(model).stats
     finally:
         bridge.close()
     for index, probabilities in answers:
