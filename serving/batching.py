@@ -41,18 +41,34 @@ class BatchStats:
         return self.images / self.batches if self.batches else 0.0
 
 
-class MicroBatcher:
-    """Merge concurrent calls of ``infer(images) -> outputs`` (arrays with a leading batch axis)."""
+class _Batching:
+    """What both batchers share: the inference function, the batch size limit and the counts."""
 
-    def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
-                 max_wait_ms: float = 0.0, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], max_batch_size: int,
+                 on_batch: Callable[[int], None] | None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1.")
         self.infer = infer
         self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
         self.stats = BatchStats()
+
+    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.infer(images)
+        self.stats.batches += 1
+        self.stats.images += len(images)
+        if self.on_batch is not None:
+            self.on_batch(len(images))
+        return outputs
+
+
+class MicroBatcher(_Batching):
+    """Merge concurrent calls of ``infer(images) -> outputs`` (arrays with a leading batch axis)."""
+
+    def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
+                 max_wait_ms: float = 0.0, on_batch: Callable[[int], None] | None = None):
+        super().__init__(infer, max_batch_size, on_batch)
+        self.max_wait = max_wait_ms / 1000
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
 
@@ -70,14 +86,6 @@ class MicroBatcher:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         await self._ensure_worker().put(_Pending(images, future))
         return await future
-
-    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.infer(images)
-        self.stats.batches += 1
-        self.stats.images += len(images)
-        if self.on_batch is not None:
-            self.on_batch(len(images))
-        return outputs
 
     async def _run(self) -> None:
         assert self._queue is not None
@@ -132,7 +140,7 @@ class _Waiting:
     lead: bool = False
 
 
-class ThreadBatcher:
+class ThreadBatcher(_Batching):
     """The same natural batching for callers on threads (the gRPC server), without an event loop.
 
     The first caller that finds no batch running runs one itself, in its own thread, so a lone
@@ -143,12 +151,7 @@ class ThreadBatcher:
 
     def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
                  on_batch: Callable[[int], None] | None = None):
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1.")
-        self.infer = infer
-        self.max_batch_size = max_batch_size
-        self.on_batch = on_batch
-        self.stats = BatchStats()
+        super().__init__(infer, max_batch_size, on_batch)
         self._lock = threading.Lock()
         self._queue: list[_Waiting] = []
         self._running = False
@@ -190,14 +193,6 @@ class ThreadBatcher:
             raise item.error
         assert item.outputs is not None
         return item.outputs
-
-    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.infer(images)
-        self.stats.batches += 1
-        self.stats.images += len(images)
-        if self.on_batch is not None:
-            self.on_batch(len(images))
-        return outputs
 
     def _dispatch(self, batch: list[_Waiting]) -> None:
         try:

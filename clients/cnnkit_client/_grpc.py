@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from cnnkit_client._plan import Plan, arun, run, slow_timeout
+from cnnkit_client._methods import AsyncMethods, SyncMethods
+from cnnkit_client._plan import Plan
 from cnnkit_client.errors import CnnkitError, InvalidInputError, ServerError, from_grpc_code
 from cnnkit_client.images import ImageLike, chunks, encode_image, encode_images
 from cnnkit_client.protos.tfs import classification_pb2, predict_pb2
@@ -97,6 +98,7 @@ class _GrpcApi:
             raise ValueError("max_images_per_request must be at least 1.")
         self.target = target
         self.timeout = timeout
+        self.default_timeout = timeout
         self.retry = retry
         self.max_images_per_request = max_images_per_request
         self._metadata = (("x-api-key", api_key),) if api_key else None
@@ -221,7 +223,7 @@ class _GrpcApi:
         return request if isinstance(request, bytes) else request.SerializeToString()
 
 
-class GrpcClient(_GrpcApi):
+class GrpcClient(_GrpcApi, SyncMethods):
     """A synchronous client of cnnkit's gRPC API (TF Serving's protocol plus cnnkit's extensions).
 
     ``credentials`` (``grpc.ssl_channel_credentials(...)``) makes a TLS channel; ``channel`` lets
@@ -259,41 +261,8 @@ class GrpcClient(_GrpcApi):
             raise _rpc_error(error, self.target) from error
         return _parse(call, data)
 
-    def _run(self, plan: Plan[T], timeout: float | None) -> T:
-        return run(plan, lambda call: self._attempt(call, timeout), self.retry)
 
-    def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
-                top_k: int = 5, timeout: float | None = None) -> Any:
-        """The top-k classes of one image (a ``Prediction``) or of many (a list, in order)."""
-        return self._run(self._predict_plan(images, model, version, top_k), timeout)
-
-    def feature_maps(self, image: ImageLike, *, model: str, layers: Sequence[str] | None = None,
-                     version: int | None = None, as_png: bool = False, timeout: float | None = None) -> FeatureMaps:
-        return self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
-
-    def gradcam(self, image: ImageLike, *, model: str, target: int | str | None = None,
-                version: int | None = None, timeout: float | None = None) -> GradCam:
-        """Grad-CAM of one image for a class (name or index; default: the predicted class)."""
-        return self._run(self._gradcam_plan(image, model, target, version), slow_timeout(timeout, self.timeout))
-
-    def filter_patterns(self, *, model: str, layer: str | None = None, filters: int | Sequence[int] | None = None,
-                        steps: int = 40, seed: int = 0, version: int | None = None, arrays: bool = False,
-                        timeout: float | None = None) -> FilterPatterns:
-        """What each filter of a conv layer responds to (default: the last conv layer, first 64 filters)."""
-        return self._run(self._filter_patterns_plan(model, layer, filters, steps, seed, version, arrays),
-                         slow_timeout(timeout, self.timeout))
-
-    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        return self._run(self._models_plan(), timeout)
-
-    def metadata(self, model: str, *, version: int | None = None, timeout: float | None = None) -> ModelInfo:
-        return self._run(self._metadata_plan(model, version), timeout)
-
-    def health(self, *, timeout: float | None = None) -> Health:
-        return self._run(self._health_plan(), timeout)
-
-
-class AsyncGrpcClient(_GrpcApi):
+class AsyncGrpcClient(_GrpcApi, AsyncMethods):
     """The ``grpc.aio`` twin of :class:`GrpcClient`: the same methods, awaited."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None,
@@ -332,39 +301,6 @@ class AsyncGrpcClient(_GrpcApi):
         except grpc.RpcError as error:
             raise _rpc_error(error, self.target) from error
         return _parse(call, data)
-
-    async def _run(self, plan: Plan[T], timeout: float | None) -> T:
-        return await arun(plan, lambda call: self._attempt(call, timeout), self.retry)
-
-    async def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
-                      top_k: int = 5, timeout: float | None = None) -> Any:
-        return await self._run(self._predict_plan(images, model, version, top_k), timeout)
-
-    async def feature_maps(self, image: ImageLike, *, model: str, layers: Sequence[str] | None = None,
-                           version: int | None = None, as_png: bool = False,
-                           timeout: float | None = None) -> FeatureMaps:
-        return await self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
-
-    async def gradcam(self, image: ImageLike, *, model: str, target: int | str | None = None,
-                      version: int | None = None, timeout: float | None = None) -> GradCam:
-        return await self._run(self._gradcam_plan(image, model, target, version),
-                               slow_timeout(timeout, self.timeout))
-
-    async def filter_patterns(self, *, model: str, layer: str | None = None,
-                              filters: int | Sequence[int] | None = None, steps: int = 40, seed: int = 0,
-                              version: int | None = None, arrays: bool = False,
-                              timeout: float | None = None) -> FilterPatterns:
-        return await self._run(self._filter_patterns_plan(model, layer, filters, steps, seed, version, arrays),
-                               slow_timeout(timeout, self.timeout))
-
-    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        return await self._run(self._models_plan(), timeout)
-
-    async def metadata(self, model: str, *, version: int | None = None, timeout: float | None = None) -> ModelInfo:
-        return await self._run(self._metadata_plan(model, version), timeout)
-
-    async def health(self, *, timeout: float | None = None) -> Health:
-        return await self._run(self._health_plan(), timeout)
 
 
 def _parse(call: _Call, data: bytes) -> Any:

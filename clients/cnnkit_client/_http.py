@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from cnnkit_client._plan import Plan, arun, run, slow_timeout
+from cnnkit_client._methods import AsyncMethods, SyncMethods
+from cnnkit_client._plan import Plan
 from cnnkit_client.errors import (
     CnnkitError,
     ConnectError,
@@ -41,9 +42,6 @@ from cnnkit_client.types import (
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_TIMEOUT = 30.0
 API_KEY_HEADER = "x-api-key"
-
-T = TypeVar("T")
-
 
 @dataclass
 class _Call:
@@ -111,6 +109,7 @@ class _Api:
         self.max_images_per_request = max_images_per_request
         self._headers = {API_KEY_HEADER: api_key} if api_key else {}
         self._timeout = timeout
+        self.default_timeout = timeout
 
     def _predict_plan(self, images: ImageLike | Sequence[ImageLike], model: str, version: int | None,
                       top_k: int) -> Plan[Prediction | list[Prediction]]:
@@ -184,7 +183,7 @@ class _Api:
         return kwargs
 
 
-class Client(_Api):
+class Client(_Api, SyncMethods):
     """A synchronous client of the cnnkit HTTP API.
 
     >>> with Client("http://127.0.0.1:3000") as client:          # doctest: +SKIP
@@ -217,51 +216,8 @@ class Client(_Api):
             raise _transport_error(error, self.url + call.path) from error
         return _to_answer(response, call)
 
-    def _run(self, plan: Plan[T], timeout: float | None) -> T:
-        return run(plan, lambda call: self._attempt(call, timeout), self.retry)
 
-    def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
-                top_k: int = 5, timeout: float | None = None) -> Any:
-        """The top-k classes of one image (a ``Prediction``) or of many (a list, in order).
-
-        An image is a path, file bytes, a PIL image or a uint8 numpy array; a list, a tuple or a
-        4-D array is many. Batches larger than ``max_images_per_request`` are split.
-        """
-        return self._run(self._predict_plan(images, model, version, top_k), timeout)
-
-    def feature_maps(self, image: ImageLike, *, model: str, layers: Sequence[str] | None = None,
-                     version: int | None = None, as_png: bool = False, timeout: float | None = None) -> FeatureMaps:
-        """Activations of the named layers (default: every convolution) for one image, or PNG grids."""
-        return self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
-
-    def gradcam(self, image: ImageLike, *, model: str, target: int | str | None = None,
-                version: int | None = None, timeout: float | None = None) -> GradCam:
-        """Grad-CAM of one image for a class (name or index; default: the predicted class)."""
-        return self._run(self._gradcam_plan(image, model, target, version), slow_timeout(timeout, self._timeout))
-
-    def filter_patterns(self, *, model: str, layer: str | None = None, filters: int | Sequence[int] | None = None,
-                        steps: int = 40, seed: int = 0, version: int | None = None, arrays: bool = False,
-                        timeout: float | None = None) -> FilterPatterns:
-        """What each filter of a conv layer responds to (default: the last conv layer, first 64 filters).
-
-        The first call for a layer can take seconds to minutes (it is cached per model version).
-        """
-        return self._run(self._filter_patterns_plan(model, layer, filters, steps, seed, version, arrays),
-                         slow_timeout(timeout, self._timeout))
-
-    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        """Every model the service serves (its latest version)."""
-        return self._run(self._models_plan(), timeout)
-
-    def metadata(self, model: str, *, version: int | None = None, timeout: float | None = None) -> ModelInfo:
-        return self._run(self._metadata_plan(model, version), timeout)
-
-    def health(self, *, timeout: float | None = None) -> Health:
-        """Liveness and readiness; raises ``ConnectError`` when nothing answers."""
-        return self._run(self._health_plan(), timeout)
-
-
-class AsyncClient(_Api):
+class AsyncClient(_Api, AsyncMethods):
     """The asyncio twin of :class:`Client`: the same methods, awaited. Batches split into several
     requests are sent concurrently."""
 
@@ -289,34 +245,4 @@ class AsyncClient(_Api):
             raise _transport_error(error, self.url + call.path) from error
         return _to_answer(response, call)
 
-    async def _run(self, plan: Plan[T], timeout: float | None) -> T:
-        return await arun(plan, lambda call: self._attempt(call, timeout), self.retry)
 
-    async def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
-                      top_k: int = 5, timeout: float | None = None) -> Any:
-        return await self._run(self._predict_plan(images, model, version, top_k), timeout)
-
-    async def feature_maps(self, image: ImageLike, *, model: str, layers: Sequence[str] | None = None,
-                           version: int | None = None, as_png: bool = False,
-                           timeout: float | None = None) -> FeatureMaps:
-        return await self._run(self._feature_maps_plan(image, model, layers, version, as_png), timeout)
-
-    async def gradcam(self, image: ImageLike, *, model: str, target: int | str | None = None,
-                      version: int | None = None, timeout: float | None = None) -> GradCam:
-        return await self._run(self._gradcam_plan(image, model, target, version), slow_timeout(timeout, self._timeout))
-
-    async def filter_patterns(self, *, model: str, layer: str | None = None,
-                              filters: int | Sequence[int] | None = None, steps: int = 40, seed: int = 0,
-                              version: int | None = None, arrays: bool = False,
-                              timeout: float | None = None) -> FilterPatterns:
-        return await self._run(self._filter_patterns_plan(model, layer, filters, steps, seed, version, arrays),
-                               slow_timeout(timeout, self._timeout))
-
-    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        return await self._run(self._models_plan(), timeout)
-
-    async def metadata(self, model: str, *, version: int | None = None, timeout: float | None = None) -> ModelInfo:
-        return await self._run(self._metadata_plan(model, version), timeout)
-
-    async def health(self, *, timeout: float | None = None) -> Health:
-        return await self._run(self._health_plan(), timeout)
