@@ -78,6 +78,15 @@ class MicroBatcher(_Batching):
             self._worker = asyncio.get_running_loop().create_task(self._run())
         return self._queue
 
+    def close(self) -> None:
+        """Stop the worker task (call it from the batcher's event loop); queued calls are cancelled."""
+        if self._worker is not None:
+            self._worker.cancel()
+        if self._queue is not None:
+            while not self._queue.empty():
+                self._queue.get_nowait().future.cancel()
+        self._worker = self._queue = None
+
     async def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Queue ``images`` (N, ...) and return the outputs for exactly those N images."""
         if len(images) > self.max_batch_size:

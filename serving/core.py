@@ -66,6 +66,10 @@ class InferenceCore:
         key = (model.name, model.version)
         batcher = self._batchers.get(key)
         if batcher is None:
+            # Stop the batchers of retired versions, so that their sessions can be freed.
+            served = {(item.name, item.version) for item in self.store.all_models()}
+            for retired in [name for name in self._batchers if name not in served]:
+                self._batchers.pop(retired).close()
             batcher = MicroBatcher(
                 lambda images: model.run(images, ["probabilities"]),
                 max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,

@@ -163,3 +163,27 @@ def test_thread_batcher_merges_concurrent_calls_and_shares_errors():
                 outcomes.append(str(error))
     assert "negative pixels" in outcomes
     assert batcher.submit(np.full((1, 2), 5, np.float32))["same"][0, 0] == 5
+
+
+def test_the_core_stops_the_batchers_of_retired_versions():
+    from types import SimpleNamespace
+
+    from serving.core import InferenceCore
+
+    def version(number):
+        return SimpleNamespace(name="m", version=number, run=lambda images, outputs: {"probabilities": images})
+
+    served = [version(1)]
+    core = InferenceCore(SimpleNamespace(all_models=lambda: list(served)))
+
+    async def main():
+        first = core.batcher(served[0])
+        assert (await first.submit(np.ones((1, 2), np.float32)))["probabilities"].shape == (1, 2)
+        worker = first._worker
+        served[:] = [version(2)]  # version 1 is retired, version 2 takes over
+        core.batcher(served[0])
+        await asyncio.sleep(0)
+        return worker
+
+    worker = asyncio.run(main())
+    assert worker.cancelled() and list(core._batchers) == [("m", 2)]
