@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     with Client(args.http) as http_client, GrpcClient(args.grpc) as grpc_client:
         heat = http_client.gradcam(images[0], model=args.model)
         patterns = grpc_client.filter_patterns(model=args.model, filters=16)
+    peak = tuple(int(index) for index in np.unravel_index(heat.heatmap.argmax(), heat.heatmap.shape))
     print(f"SDK   gradcam: class {heat.class_name} (p={heat.probability:.3f}) at {heat.layer}, heatmap "
-          f"{heat.heatmap.shape} peak at {np.unravel_index(heat.heatmap.argmax(), heat.heatmap.shape)}; "
+          f"{heat.heatmap.shape} peak at {peak}; "
           f"filter_patterns: {patterns.layer} {len(patterns.filters)} filters, {len(patterns.dead)} dead")
     if heat.class_name != over_http[0].label:
         problems.append("Grad-CAM explained another class than the predicted one")
