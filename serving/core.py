@@ -67,7 +67,7 @@ class InferenceCore:
         batcher = self._batchers.get(key)
         if batcher is None:
             # Stop the batchers of retired versions, so that their sessions can be freed.
-            served = {(item.name, item.version) for item in self.store.all_models()}
+            served = self.store.served_versions()
             for retired in [name for name in self._batchers if name not in served]:
                 self._batchers.pop(retired).close()
             batcher = MicroBatcher(

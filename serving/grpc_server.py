@@ -150,7 +150,7 @@ class BatchBridge:
             batcher = self._batchers.get(key)
             if batcher is None:
                 # Forget the batchers of retired versions, so their sessions can be freed.
-                served = {(item.name, item.version) for item in self.store.all_models()}
+                served = self.store.served_versions()
                 self._batchers = {name: value for name, value in self._batchers.items() if name in served}
                 batcher = self._batchers[key] = ThreadBatcher(
                     lambda images: model.run(images, ["probabilities"]), max_batch_size=self.max_batch_size,

@@ -227,6 +227,11 @@ class ModelStore:
                 )
             return versions[number]
 
+    def served_versions(self) -> set[tuple[str, int]]:
+        """(name, version) of every version now served."""
+        with self._lock:
+            return {(name, version) for name, versions in self._models.items() for version in versions}
+
     def all_models(self) -> list[LoadedModel]:
         with self._lock:
             return [model for versions in self._models.values() for model in versions.values()]

@@ -174,7 +174,7 @@ def test_the_core_stops_the_batchers_of_retired_versions():
         return SimpleNamespace(name="m", version=number, run=lambda images, outputs: {"probabilities": images})
 
     served = [version(1)]
-    core = InferenceCore(SimpleNamespace(all_models=lambda: list(served)))
+    core = InferenceCore(SimpleNamespace(served_versions=lambda: {(item.name, item.version) for item in served}))
 
     async def main():
         first = core.batcher(served[0])

@@ -182,14 +182,13 @@ def _max_difference(first: np.ndarray, second: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(first, np.float64) - np.asarray(second, np.float64))))
 
 
-def check_gradcam_parity(gradcam: GradCamGraph, saved_model_dir: Path, images: np.ndarray) -> dict[str, Any]:
+def check_gradcam_parity(gradcam: GradCamGraph, loaded, images: np.ndarray) -> dict[str, Any]:
     """Compare the Keras Grad-CAM with the reloaded SavedModel's ``gradcam`` signature; raise on mismatch."""
     import tensorflow as tf
 
     batch = tf.constant(np.asarray(images, dtype=np.float32))
     classes = tf.constant(np.full(len(images), -1, np.int32))
     reference = {name: np.asarray(value) for name, value in gradcam(batch, classes).items()}
-    loaded = tf.saved_model.load(str(saved_model_dir))
     served = {name: value.numpy() for name, value in
               loaded.signatures[GRADCAM_SIGNATURE](image=batch, class_index=classes).items()}
     difference = _max_difference(reference["heatmap"], served["heatmap"])
@@ -199,14 +198,13 @@ def check_gradcam_parity(gradcam: GradCamGraph, saved_model_dir: Path, images: n
     return {"images": len(images), "max_difference": difference, "tolerance": GRADCAM_TOLERANCE}
 
 
-def check_parity(graph: ServingGraph, saved_model_dir: Path, onnx_path: Path,
-                 images: np.ndarray) -> dict[str, Any]:
-    """Compare Keras, the reloaded SavedModel and ONNX Runtime on ``images``; raise on mismatch."""
+def check_parity(graph: ServingGraph, loaded, onnx_path: Path, images: np.ndarray) -> dict[str, Any]:
+    """Compare Keras, the reloaded SavedModel (``tf.saved_model.load``) and ONNX Runtime on ``images``;
+    raise on mismatch."""
     import tensorflow as tf
 
     batch = np.asarray(images, dtype=np.float32)
     reference = {name: np.asarray(value) for name, value in graph.outputs(tf.constant(batch)).items()}
-    loaded = tf.saved_model.load(str(saved_model_dir))
     served = {name: value.numpy() for name, value in
               loaded.signatures["serving_default"](image=tf.constant(batch)).items()}
     served.update({name: value.numpy() for name, value in
@@ -360,10 +358,13 @@ def export_run(
         write_onnx(graph, onnx_path)
 
         _log(f"checking Keras, SavedModel and ONNX Runtime agree on {parity_images} test images")
-        parity = check_parity(graph, version_dir, onnx_path, dataset.x_test[:parity_images])
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(str(version_dir))  # once, for both checks
+        parity = check_parity(graph, loaded, onnx_path, dataset.x_test[:parity_images])
         verification: dict[str, Any] = {"parity": parity}
         if gradcam is not None:
-            verification["gradcam"] = check_gradcam_parity(gradcam, version_dir, dataset.x_test[:8])
+            verification["gradcam"] = check_gradcam_parity(gradcam, loaded, dataset.x_test[:8])
         if check_accuracy:
             _log(f"recomputing the test accuracy through ONNX Runtime on {len(dataset.x_test)} images")
             accuracy = onnx_accuracy(onnx_path, dataset.x_test, dataset.y_test)
