@@ -55,6 +55,11 @@ def session_options(threads: int | None = None):
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # By default ONNX Runtime's pool threads keep spinning for a while after each run, waiting for
+    # the next one. Between small requests that burns a core the server's own threads (HTTP event
+    # loop, gRPC) need, so they sleep instead; CNNKIT_ORT_SPIN=1 restores spinning.
+    spin = "1" if os.environ.get("CNNKIT_ORT_SPIN", "0") == "1" else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     return options
 
 
