@@ -20,11 +20,12 @@ import base64
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 import bentoml  # noqa: E402
+from bentoml.validators import ContentType  # noqa: E402
 
 from serving.core import InferenceCore  # noqa: E402
 from serving.errors import InvalidInputError, ServingError  # noqa: E402
@@ -42,6 +43,11 @@ from serving.rest import build_models_app, build_tf_serving_app  # noqa: E402
 from training.repository import resolve_repository  # noqa: E402
 
 logger = logging.getLogger("cnnkit.serving")
+
+# The routes' return type. Naming the media type up front matters for speed: without it BentoML
+# builds the JSON schema of the return annotation on every response just to find its media type
+# (about a tenth of the server's time per request for a small model).
+JsonObject = Annotated[dict[str, Any], ContentType("application/json")]
 
 HTTP_PORT = int(os.environ.get("CNNKIT_HTTP_PORT", "3000"))
 HOST = os.environ.get("CNNKIT_HOST", "127.0.0.1")
@@ -152,7 +158,7 @@ class Classifier:
 
     @bentoml.api(route="/predict")
     async def predict(self, ctx: bentoml.Context, image: Path, model: str, version: int | None = None,
-                      top_k: int = 5) -> dict[str, Any]:
+                      top_k: int = 5) -> JsonObject:
         """Classify one uploaded image file (multipart): the top-k classes with probabilities."""
         try:
             served = self.core.model(model, version)
@@ -168,7 +174,7 @@ class Classifier:
     @bentoml.api(route="/predict_json")
     async def predict_json(self, ctx: bentoml.Context, model: str, images: list[str] | None = None,
                            instances: list[Any] | None = None, version: int | None = None,
-                           top_k: int = 5) -> dict[str, Any]:
+                           top_k: int = 5) -> JsonObject:
         """Classify base64-encoded image files (``images``) or a pixel tensor batch (``instances``)."""
         try:
             served = self.core.model(model, version)
@@ -188,7 +194,7 @@ class Classifier:
     @bentoml.api(route="/feature_maps")
     def feature_maps(self, ctx: bentoml.Context, image: Path, model: str, layers: list[str] | None = None,
                      version: int | None = None, output: Literal["array", "png"] = "array",
-                     dtype: Literal["float16", "float32"] = "float16") -> dict[str, Any]:
+                     dtype: Literal["float16", "float32"] = "float16") -> JsonObject:
         """Activations of conv/pool layers for one uploaded image: arrays or PNG grids (base64)."""
         try:
             return self._feature_maps(image.read_bytes(), model, layers, version, output, dtype)
@@ -198,7 +204,7 @@ class Classifier:
     @bentoml.api(route="/feature_maps_json")
     def feature_maps_json(self, ctx: bentoml.Context, image_b64: str, model: str, layers: list[str] | None = None,
                           version: int | None = None, output: Literal["array", "png"] = "array",
-                          dtype: Literal["float16", "float32"] = "float16") -> dict[str, Any]:
+                          dtype: Literal["float16", "float32"] = "float16") -> JsonObject:
         """The same for a base64-encoded image file in a JSON body."""
         try:
             return self._feature_maps(decode_base64(image_b64), model, layers, version, output, dtype)
@@ -221,7 +227,7 @@ class Classifier:
     @bentoml.api(route="/gradcam")
     def gradcam(self, ctx: bentoml.Context, image: Path, model: str, version: int | None = None,
                 class_name: str | None = None, class_index: int | None = None,
-                dtype: Literal["float16", "float32"] = "float16") -> dict[str, Any]:
+                dtype: Literal["float16", "float32"] = "float16") -> JsonObject:
         """Grad-CAM of one uploaded image for a class (default: the predicted one): heatmap + overlay PNG."""
         try:
             return self._gradcam(image.read_bytes(), model, version, class_name, class_index, dtype)
@@ -231,7 +237,7 @@ class Classifier:
     @bentoml.api(route="/gradcam_json")
     def gradcam_json(self, ctx: bentoml.Context, image_b64: str, model: str, version: int | None = None,
                      class_name: str | None = None, class_index: int | None = None,
-                     dtype: Literal["float16", "float32"] = "float16") -> dict[str, Any]:
+                     dtype: Literal["float16", "float32"] = "float16") -> JsonObject:
         """The same for a base64-encoded image file in a JSON body."""
         try:
             return self._gradcam(decode_base64(image_b64), model, version, class_name, class_index, dtype)
@@ -247,7 +253,7 @@ class Classifier:
     @bentoml.api(route="/filter_patterns")
     def filter_patterns(self, ctx: bentoml.Context, model: str, version: int | None = None,
                         layer: str | None = None, filters: int | list[int] | None = None, steps: int = 40,
-                        seed: int = 0, arrays: bool = False) -> dict[str, Any]:
+                        seed: int = 0, arrays: bool = False) -> JsonObject:
         """What each filter of a conv layer responds to (gradient ascent), as a grid PNG; cached per version."""
         try:
             return self.core.filter_patterns(self.core.model(model, version), layer, filters, steps, seed, arrays)
@@ -255,7 +261,7 @@ class Classifier:
             return _refuse(ctx, error)
 
     @bentoml.api(route="/reload")
-    def reload(self) -> dict[str, Any]:
+    def reload(self) -> JsonObject:
         """Load versions that appeared in the repository since the last poll (admin)."""
         loaded = self.store.refresh()
         return {"loaded": loaded, "models": {name: self.store.versions(name) for name in self.store.names()},
