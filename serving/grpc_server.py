@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from cnnkit_client.protos.tfs import types_pb2
+from cnnkit_client.tensors import to_ndarray, to_tensor_proto
 from serving import metrics
 from serving.batching import ThreadBatcher
 from serving.core import InferenceCore
@@ -81,14 +83,20 @@ def _version_of(model_spec) -> int | None:
 
 def images_from_tensor(proto, model: LoadedModel, limits: InputLimits) -> np.ndarray:
     """A TensorProto of pixels (any real dtype) or of encoded image bytes, as a float32 batch."""
-    tf = _tf()
-    if proto.dtype == tf.string.as_datatype_enum:
+    if proto.dtype == types_pb2.DT_STRING:
         return decode_images(list(proto.string_val), model.input_shape, limits)
     try:
-        array = tf.make_ndarray(proto)
+        # The SDK's reader (tf.make_ndarray's rules) reads TF's message too, in a fifth of the time.
+        array = to_ndarray(proto)
     except Exception as error:  # noqa: BLE001 - malformed TensorProto content.
         raise InvalidInputError(f"The input tensor is malformed: {error}") from error
     return check_batch(array, model.input_shape, limits)
+
+
+def fill_tensor_proto(target, value: np.ndarray) -> None:
+    """Write ``value`` into ``target`` (TF's TensorProto) as tf.make_tensor_proto would, without its
+    cost (about 0.25 ms per small tensor, a tenth of a whole Predict call)."""
+    target.ParseFromString(to_tensor_proto(value).SerializeToString())
 
 
 def _signature_def(model: LoadedModel, signature: str):
@@ -177,7 +185,8 @@ class PredictionService:
     def _probabilities(self, model: LoadedModel, images: np.ndarray) -> np.ndarray:
         if self.batching is not None:
             return self.batching.probabilities(model, images)
-        probabilities = self._probabilities(model, images)
+        probabilities = model.run(images, ["probabilities"])["probabilities"]
+        metrics.record_batch(model.name, len(images))
         return probabilities
 
     def _model(self, model_spec) -> LoadedModel:
@@ -186,7 +195,6 @@ class PredictionService:
     @_rpc("Predict")
     def Predict(self, request, context):  # noqa: N802 - gRPC method name
         (_, _, _, _, predict_pb2, _) = _apis()
-        tf = _tf()
         model = self._model(request.model_spec)
         signature = request.model_spec.signature_name or "serving_default"
         available = model.signature_outputs(signature)
@@ -215,7 +223,7 @@ class PredictionService:
         response.model_spec.version.value = model.version
         response.model_spec.signature_name = signature
         for output, value in results.items():
-            response.outputs[output].CopyFrom(tf.make_tensor_proto(value))
+            fill_tensor_proto(response.outputs[output], value)
         return response
 
     @_rpc("Classify")

@@ -276,3 +276,54 @@ def test_concurrent_grpc_predictions_share_batches_and_get_their_own_rows(digits
     for index, probabilities in answers:
         np.testing.assert_allclose(probabilities[0], expected[index % 8], rtol=1e-5, atol=1e-6)
     assert stats.images == 320 and stats.batches < 320  # some calls were merged
+
+
+@pytest.mark.parametrize("value", [
+    np.array([[0.1, 0.9]], dtype=np.float32),
+    np.arange(6, dtype=np.int64),
+    np.zeros((2, 3, 3, 4), dtype=np.float16),
+    np.array([7], dtype=np.int64),
+])
+def test_response_tensors_read_back_as_tf_make_tensor_proto_writes_them(value):
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2
+
+    from serving.grpc_server import fill_tensor_proto
+
+    ours = tensor_pb2.TensorProto()
+    fill_tensor_proto(ours, value)
+    reference = tf.make_tensor_proto(value)
+    assert ours.dtype == reference.dtype
+    assert ours.tensor_shape == reference.tensor_shape
+    read = tf.make_ndarray(ours)
+    assert read.dtype == value.dtype
+    np.testing.assert_array_equal(read, value)
+
+
+def test_unbatched_server_answers_predict_and_classify(digits_repository, digits):
+    """``build_server(batching=False)`` runs each call on its own (it used to recurse forever)."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
+
+    from serving.grpc_server import build_server
+    from serving.model_store import ModelStore
+
+    store = ModelStore(digits_repository, threads=1)
+    store.refresh()
+    server, port, _ = build_server(store, port=0, batching=False)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as opened:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(opened)
+            response = stub.Predict(predict_request(digits[0][:4]), timeout=30)
+            probabilities = tf.make_ndarray(response.outputs["probabilities"])
+            np.testing.assert_allclose(probabilities, store.get("digits").predict(digits[0][:4].astype(np.float32)),
+                                       rtol=1e-5, atol=1e-6)
+            request = classification_pb2.ClassificationRequest()
+            request.model_spec.name = "digits"
+            example = request.input.example_list.examples.add()
+            example.features.feature["pixels"].float_list.value.extend(digits[0][0].astype(np.float32).ravel())
+            classified = stub.Classify(request, timeout=30)
+            assert len(classified.result.classifications[0].classes) == 10
+    finally:
+        server.stop(grace=None)
