@@ -53,9 +53,11 @@ def load_images() -> list[bytes]:
 _model_description: dict | None = None
 
 
-def describe_model(host: str) -> dict:
+def describe_model(host: str | None) -> dict:
     """The model's metadata from ``GET /models/NAME`` (once per process): class names, layers."""
     global _model_description
+    if not host:
+        raise RuntimeError("No service URL: run locust with --host http://HOST:PORT (the HTTP address).")
     if _model_description is None:
         headers = {"x-api-key": API_KEY} if API_KEY else {}
         response = httpx.get(f"{host.rstrip('/')}/models/{MODEL}", headers=headers, timeout=30)

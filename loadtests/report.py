@@ -53,7 +53,8 @@ def read_locust_csv(prefix: str | os.PathLike, *, protocol: str, users: int, sec
     by_name = {}
     aggregated = None
     for row in rows:
-        summary = {"requests": int(_number(row["Request Count"])), "failures": int(_number(row["Failure Count"])),
+        summary: dict[str, Any] = {
+                   "requests": int(_number(row["Request Count"])), "failures": int(_number(row["Failure Count"])),
                    "requests_per_second": _number(row["Requests/s"]), "median_ms": _number(row["50%"]),
                    "p95_ms": _number(row["95%"]), "p99_ms": _number(row["99%"]),
                    "mean_ms": _number(row["Average Response Time"])}

@@ -7,4 +7,5 @@ scripts/setup.sh
 CNNKIT_DATA_DIR="$(scripts/data.sh)"
 export CNNKIT_DATA_DIR
 .venv/bin/python -m ruff check .
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest "$@"

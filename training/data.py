@@ -261,7 +261,7 @@ def read_image_folder(
         logger.warning("%d unreadable image(s) in %s were left out: %s", len(unreadable), folder, shown)
     if not keep:
         raise DataError(f"None of the {len(paths)} images in {folder} could be decoded.")
-    images = np.stack([decoded[index] for index in keep]).astype(np.uint8)
+    images = np.stack([image for image in decoded if image is not None]).astype(np.uint8)
     label_array = np.asarray([labels[index] for index in keep], dtype=np.int64)
     return images, label_array, classes, unreadable
 

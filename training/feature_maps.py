@@ -5,6 +5,7 @@ The grids are drawn by ``training.visualize.feature_map_grid``, which the servic
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,6 @@ def write_feature_map_grids(
     for name, activations in compute_feature_maps(model, image, layers).items():
         grid = feature_map_grid(activations)
         path = target / f"{Path(image_path).stem}_{name}.png"
-        atomic_save(path, lambda temporary, grid=grid: grid.save(temporary, format="PNG"))
+        atomic_save(path, functools.partial(grid.save, format="PNG"))
         written.append(path)
     return written

@@ -402,6 +402,8 @@ def train(
             _restore_best(model, run_path)
             with strategy.scope():
                 tune = config.fine_tune
+                if tune is None:
+                    raise ValueError(f"Recipe {config.name!r} has two phases but no fine_tune section.")
                 trainable = set_trainable_from(model, tune.from_layer)
                 compile_model(
                     model, tune.optimizer, tune.learning_rate,
