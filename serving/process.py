@@ -1,7 +1,8 @@
 """Start ``cnnkit serve`` as a child process on free loopback ports and wait until it is ready.
 
 Used by the benchmarks, ``cnnkit loadtest --start`` and the tests: one way to run a real service
-that is stopped (its whole process group) when the ``with`` block ends.
+that is stopped (its whole process group) when the ``with`` block ends, or when the process that
+started it dies.
 """
 
 from __future__ import annotations
@@ -17,6 +18,20 @@ from pathlib import Path
 import httpx
 
 HOST = "127.0.0.1"
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: ask Linux to SIGTERM it when the parent dies, so a test
+    run or benchmark that is killed does not leave its service running (no-op elsewhere).
+
+    The signal follows the thread that started the child, so start services from a thread that
+    outlives them (the main thread, as the tests, benchmarks and ``cnnkit loadtest`` do).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -66,6 +81,7 @@ class ServiceProcess:
                 [sys.executable, "-m", "training.cli", "serve", "--repository", str(self.repository),
                  "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
                 env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
