@@ -184,7 +184,7 @@ def _nvml_handle() -> Any:
 
 def run_level(protocol: str, users: int, seconds: float, *, url: str, grpc_target: str | None, model: str,
               images: Path, raw: Path, server_pid: int | None, feature_map_weight: int,
-              api_key: str | None) -> LevelResult:
+              api_key: str | None, processes: int = 1) -> LevelResult:
     prefix = raw / f"{protocol}-{users}"
     environment = dict(os.environ, CNNKIT_LOADTEST_MODEL=model, CNNKIT_LOADTEST_IMAGES=str(images),
                        CNNKIT_LOADTEST_FEATURE_MAP_WEIGHT=str(feature_map_weight))
@@ -197,6 +197,10 @@ def run_level(protocol: str, users: int, seconds: float, *, url: str, grpc_targe
                "--users", str(users), "--spawn-rate", str(users), "--run-time", f"{int(seconds)}s",
                "--stop-timeout", "10", "--csv", str(prefix), "--only-summary", "--exit-code-on-error", "0",
                "--loglevel", "WARNING", USER_CLASSES[protocol]]
+    if processes != 1:
+        # Locust forks this many load processes (-1: one per core); one process tops out near one
+        # core's worth of requests, too few for a GPU server.
+        command[-1:-1] = ["--processes", str(processes)]
     batches_before = scrape_batches(url, model, headers)
     with ResourceSampler(server_pid) as sampler, open(f"{prefix}.log", "wb") as log:
         try:
@@ -219,8 +223,11 @@ def run_level(protocol: str, users: int, seconds: float, *, url: str, grpc_targe
 def run_loadtest(*, url: str, grpc_target: str | None, model: str, levels: list[int], seconds: float,
                  report: Path, protocols: list[str], images: Path | None = None, data_dir: str | None = None,
                  server_pid: int | None = None, feature_map_weight: int = 1, api_key: str | None = None,
-                 image_count: int = 200, meta: dict[str, Any] | None = None) -> list[LevelResult]:
+                 image_count: int = 200, meta: dict[str, Any] | None = None,
+                 processes: int = 1) -> list[LevelResult]:
     check_loopback(url, grpc_target)
+    if processes == 0 or processes < -1:
+        raise LoadTestError(f"--processes must be at least 1, or -1 for one per CPU core; got {processes}.")
     unknown = [protocol for protocol in protocols if protocol not in USER_CLASSES]
     if unknown or not protocols:
         raise LoadTestError(f"--protocols takes http and/or grpc, got {','.join(protocols)!r}.")
@@ -244,7 +251,7 @@ def run_loadtest(*, url: str, grpc_target: str | None, model: str, levels: list[
         for users in levels:
             result = run_level(protocol, users, seconds, url=url, grpc_target=grpc_target, model=model,
                                images=images, raw=raw, server_pid=server_pid,
-                               feature_map_weight=feature_map_weight, api_key=api_key)
+                               feature_map_weight=feature_map_weight, api_key=api_key, processes=processes)
             results.append(result)
             print(f"{protocol:4s} {users:4d} users: {result.requests:7,d} requests, {result.failures} failures, "
                   f"{result.requests_per_second:8.1f}/s, p50 {result.median_ms:.0f} ms, p99 {result.p99_ms:.0f} ms, "
@@ -253,6 +260,7 @@ def run_loadtest(*, url: str, grpc_target: str | None, model: str, levels: list[
             "duration per level": f"{seconds:.0f} s", "cpus": os.cpu_count(),
             "command": " ".join(["cnnkit loadtest", *sys.argv[2:]]) if sys.argv[1:2] == ["loadtest"] else None,
             "feature-map share": f"{feature_map_weight}/{19 + feature_map_weight} of HTTP calls",
+            "locust processes": processes if processes > 0 else f"one per core ({os.cpu_count()})",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **(meta or {})}
     write_report(results, report, info)
     return results
@@ -274,6 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-map-weight", type=int, default=1,
                         help="HTTP feature-map calls per 19 predictions (default 1; 0: none)")
     parser.add_argument("--server-pid", type=int, help="with --url: the server's PID, for CPU and memory")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="locust load processes (default 1; -1: one per CPU core, for a big or GPU server)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         api_key = os.environ.get("CNNKIT_API_KEY")
         common = {"model": args.model, "levels": levels, "seconds": seconds, "report": Path(args.report),
                   "images": Path(args.images) if args.images else None, "data_dir": args.data_dir,
-                  "feature_map_weight": args.feature_map_weight, "api_key": api_key}
+                  "feature_map_weight": args.feature_map_weight, "api_key": api_key, "processes": args.processes}
         if args.start:
             from serving.process import ServiceProcess
             from training.repository import resolve_repository

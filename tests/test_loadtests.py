@@ -29,7 +29,8 @@ def test_each_locust_user_runs_against_a_real_service_without_failures(digits_re
         results = run_loadtest(url=service.url, grpc_target=f"127.0.0.1:{service.grpc_port}", model="digits",
                                levels=[2], seconds=6, report=tmp_path / "report", protocols=["http", "grpc"],
                                server_pid=service.pid, data_dir=str(data_root),
-                               feature_map_weight=19)  # half the calls, so that a short run sees both
+                               feature_map_weight=19,  # half the calls, so that a short run sees both
+                               processes=2)  # locust's forked load processes; their figures are merged
     finally:
         service.stop()
     assert [(result.protocol, result.users) for result in results] == [("http", 2), ("grpc", 2)]
@@ -43,6 +44,7 @@ def test_each_locust_user_runs_against_a_real_service_without_failures(digits_re
     assert set(results[1].by_name) == {"grpc Predict"}
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["meta"]["model"] == "digits" and len(report["levels"]) == 2
+    assert report["meta"]["locust processes"] == 2
     assert len(list((tmp_path / "report" / "raw" / "images").glob("*.png"))) == 200
 
 
@@ -131,6 +133,9 @@ def test_runner_settings_are_checked():
     with pytest.raises(LoadTestError, match="loopback"):
         run_loadtest(url="http://example.com:3000", grpc_target=None, model="m", levels=[1], seconds=1,
                      report=Path("unused"), protocols=["http"])
+    with pytest.raises(LoadTestError, match="processes"):
+        run_loadtest(url="http://127.0.0.1:9", grpc_target=None, model="m", levels=[1], seconds=1,
+                     report=Path("unused"), protocols=["http"], processes=0)
     with pytest.raises(LoadTestError, match="protocols"):
         run_loadtest(url="http://127.0.0.1:9", grpc_target=None, model="m", levels=[1], seconds=1,
                      report=Path("unused"), protocols=["ftp"])
