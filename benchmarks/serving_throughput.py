@@ -170,25 +170,17 @@ def grpc_load(target: str, image: bytes, model: str, clients: int, seconds: floa
 def in_process_limit(repository: Path, model: str, seconds: float) -> tuple[int, float, float]:
     """(best batch size, images/s at it, p50 ms of one image) with the service's ONNX Runtime session.
 
-    The session's pool threads spin between runs here (``CNNKIT_ORT_SPIN=1``), ONNX Runtime's
-    fastest setting for back-to-back batches, so the limit is not understated. The service itself
-    runs without spinning (see ``serving.model_store.session_options``).
+    The session's pool threads spin between runs here, ONNX Runtime's fastest setting for
+    back-to-back batches, so the limit is not understated. The service itself runs without
+    spinning (see ``serving.model_store.session_options``).
     """
     import numpy as np
 
     from serving.model_store import ModelStore
 
-    previous = os.environ.get("CNNKIT_ORT_SPIN")
-    os.environ["CNNKIT_ORT_SPIN"] = "1"
-    try:
-        store = ModelStore(repository)
-        store.refresh()
-        served = store.get(model)
-    finally:
-        if previous is None:
-            os.environ.pop("CNNKIT_ORT_SPIN")
-        else:
-            os.environ["CNNKIT_ORT_SPIN"] = previous
+    store = ModelStore(repository, spin=True)
+    store.refresh()
+    served = store.get(model)
     rng = np.random.default_rng(0)
     best = (1, 0.0)
     single: list[float] = []

@@ -41,7 +41,7 @@ class BatchStats:
         return self.images / self.batches if self.batches else 0.0
 
 
-class _Batching:
+class Batching:
     """What both batchers share: the inference function, the batch size limit and the counts."""
 
     def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], max_batch_size: int,
@@ -53,6 +53,9 @@ class _Batching:
         self.on_batch = on_batch
         self.stats = BatchStats()
 
+    def close(self) -> None:
+        """Stop whatever runs batches in the background (nothing, unless a subclass has a worker)."""
+
     def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
         outputs = self.infer(images)
         self.stats.batches += 1
@@ -62,7 +65,7 @@ class _Batching:
         return outputs
 
 
-class MicroBatcher(_Batching):
+class MicroBatcher(Batching):
     """Merge concurrent calls of ``infer(images) -> outputs`` (arrays with a leading batch axis)."""
 
     def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
@@ -149,7 +152,7 @@ class _Waiting:
     lead: bool = False
 
 
-class ThreadBatcher(_Batching):
+class ThreadBatcher(Batching):
     """The same natural batching for callers on threads (the gRPC server), without an event loop.
 
     The first caller that finds no batch running runs one itself, in its own thread, so a lone

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from serving import metrics
-from serving.batching import MicroBatcher
+from serving.batching import Batching, MicroBatcher
 from serving.errors import InvalidInputError
 from serving.explain import Explanations, FilterPatterns, GradCam, explain_layers
 from serving.inputs import DEFAULT_LIMITS, InputLimits, top_k
@@ -44,6 +45,47 @@ class Classification:
         return {"model": self.model, "version": self.version, "predictions": self.predictions}
 
 
+Batcher = TypeVar("Batcher", bound=Batching)
+
+
+class VersionBatchers(Generic[Batcher]):
+    """One batcher per served model version, running that version's probabilities and counting
+    its batches in the metrics. Used by both front ends (``MicroBatcher`` for HTTP's event loop,
+    ``ThreadBatcher`` for gRPC's threads). When a new version's batcher is made, those of retired
+    versions are closed and dropped, so that their ONNX Runtime sessions can be freed."""
+
+    def __init__(self, store: ModelStore,
+                 make: Callable[[Callable[[np.ndarray], dict[str, np.ndarray]], Callable[[int], None]], Batcher]):
+        self.store = store
+        self.make = make
+        self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: LoadedModel) -> Batcher:
+        key = (model.name, model.version)
+        with self._lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                served = self.store.served_versions()
+                for retired in [name for name in self._batchers if name not in served]:
+                    self._batchers.pop(retired).close()
+                batcher = self._batchers[key] = self.make(
+                    lambda images: model.run(images, ["probabilities"]),
+                    lambda size: metrics.record_batch(model.name, size),
+                )
+            return batcher
+
+    def close(self) -> None:
+        with self._lock:
+            for batcher in self._batchers.values():
+                batcher.close()
+            self._batchers.clear()
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        with self._lock:
+            return iter(list(self._batchers))
+
+
 class InferenceCore:
     def __init__(self, store: ModelStore, *, limits: InputLimits = DEFAULT_LIMITS,
                  max_batch_size: int = 64, max_wait_ms: float | None = None,
@@ -57,26 +99,15 @@ class InferenceCore:
         if max_wait_ms is None:
             max_wait_ms = float(os.environ.get("CNNKIT_BATCH_WAIT_MS", "0"))
         self.max_wait_ms = max_wait_ms
-        self._batchers: dict[tuple[str, int], MicroBatcher] = {}
+        self._batchers = VersionBatchers(store, lambda infer, on_batch: MicroBatcher(
+            infer, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms, on_batch=on_batch))
 
     def model(self, name: str, version: int | str | None = None) -> LoadedModel:
         return self.store.get(name, version)
 
     def batcher(self, model: LoadedModel) -> MicroBatcher:
-        key = (model.name, model.version)
-        batcher = self._batchers.get(key)
-        if batcher is None:
-            # Stop the batchers of retired versions, so that their sessions can be freed.
-            served = self.store.served_versions()
-            for retired in [name for name in self._batchers if name not in served]:
-                self._batchers.pop(retired).close()
-            batcher = MicroBatcher(
-                lambda images: model.run(images, ["probabilities"]),
-                max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
-                on_batch=lambda size: metrics.record_batch(model.name, size),
-            )
-            self._batchers[key] = batcher
-        return batcher
+        """The model version's micro-batcher (call it from the event loop that serves requests)."""
+        return self._batchers.get(model)
 
     async def classify(self, model: LoadedModel, images: np.ndarray, k: int = 5) -> Classification:
         """Top-k classes for a validated float32 batch, through the model's micro-batcher."""

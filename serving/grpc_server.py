@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from typing import Any
@@ -25,7 +24,7 @@ from cnnkit_client.protos.tfs import types_pb2
 from cnnkit_client.tensors import to_ndarray, to_tensor_proto
 from serving import metrics
 from serving.batching import ThreadBatcher
-from serving.core import InferenceCore
+from serving.core import InferenceCore, VersionBatchers
 from serving.errors import InvalidInputError, NotFoundError, ServingError
 from serving.explain import Explanations
 from serving.inputs import (
@@ -147,31 +146,17 @@ class BatchBridge:
     runs in its own thread with no hand-off."""
 
     def __init__(self, store: ModelStore, max_batch_size: int = 64):
-        self.store = store
-        self.max_batch_size = max_batch_size
-        self._batchers: dict[tuple[str, int], ThreadBatcher] = {}
-        self._lock = threading.Lock()
+        self._batchers = VersionBatchers(store, lambda infer, on_batch: ThreadBatcher(
+            infer, max_batch_size=max_batch_size, on_batch=on_batch))
 
     def batcher(self, model: LoadedModel) -> ThreadBatcher:
-        key = (model.name, model.version)
-        with self._lock:
-            batcher = self._batchers.get(key)
-            if batcher is None:
-                # Forget the batchers of retired versions, so their sessions can be freed.
-                served = self.store.served_versions()
-                self._batchers = {name: value for name, value in self._batchers.items() if name in served}
-                batcher = self._batchers[key] = ThreadBatcher(
-                    lambda images: model.run(images, ["probabilities"]), max_batch_size=self.max_batch_size,
-                    on_batch=lambda size: metrics.record_batch(model.name, size),
-                )
-            return batcher
+        return self._batchers.get(model)
 
     def probabilities(self, model: LoadedModel, images: np.ndarray) -> np.ndarray:
         return self.batcher(model).submit(images)["probabilities"]
 
     def close(self) -> None:
-        with self._lock:
-            self._batchers.clear()
+        self._batchers.close()
 
 
 class PredictionService:

@@ -42,7 +42,7 @@ def choose_providers() -> list[str]:
     return [name for name in ("CUDAExecutionProvider", "CPUExecutionProvider") if name in available]
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, spin: bool | None = None):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -57,9 +57,10 @@ def session_options(threads: int | None = None):
     options.log_severity_level = 3
     # By default ONNX Runtime's pool threads keep spinning for a while after each run, waiting for
     # the next one. Between small requests that burns a core the server's own threads (HTTP event
-    # loop, gRPC) need, so they sleep instead; CNNKIT_ORT_SPIN=1 restores spinning.
-    spin = "1" if os.environ.get("CNNKIT_ORT_SPIN", "0") == "1" else "0"
-    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    # loop, gRPC) need, so they sleep instead; ``spin`` or CNNKIT_ORT_SPIN=1 restores spinning.
+    if spin is None:
+        spin = os.environ.get("CNNKIT_ORT_SPIN", "0") == "1"
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 
@@ -129,11 +130,11 @@ class LoadedModel:
 
 
 def load_model(version: ModelVersion, providers: list[str] | None = None,
-               threads: int | None = None) -> LoadedModel:
+               threads: int | None = None, spin: bool | None = None) -> LoadedModel:
     import onnxruntime
 
     chosen = providers or choose_providers()
-    session = onnxruntime.InferenceSession(str(version.onnx_path), session_options(threads),
+    session = onnxruntime.InferenceSession(str(version.onnx_path), session_options(threads, spin),
                                            providers=chosen)
     loaded = LoadedModel(name=version.name, version=version.version, path=version.path,
                          metadata=version.metadata, session=session,
@@ -147,10 +148,11 @@ class ModelStore:
     """Every version of every model in a repository, with the latest-unless-pinned policy."""
 
     def __init__(self, repository: str | os.PathLike, *, providers: list[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, spin: bool | None = None):
         self.repository = Path(repository)
         self.providers = providers
         self.threads = threads
+        self.spin = spin
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -176,7 +178,7 @@ class ModelStore:
                         continue
                     try:
                         model = load_model(open_version(self.repository, name, version),
-                                           self.providers, self.threads)
+                                           self.providers, self.threads, self.spin)
                     except (RepositoryError, OSError) as error:
                         self.errors[key] = str(error)
                         logger.error("not serving %s: %s", key, error)
