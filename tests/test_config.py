@@ -52,6 +52,7 @@ def test_fine_tune_section_can_be_added_by_override():
         ("epochs=0", "epochs must be at least 1"),
         ("optimizer=adagrad", "optimizer must be one of adam, rmsprop, sgd"),
         ("learning_rate=-1", "learning_rate must be positive"),
+        ("weight_decay=-0.1", r"weight_decay must be 0 \(off\) or positive"),
         ("image_size=[1, 2, 3]", r"image_size must be \[height, width\]"),
         ("augmentation.horizontal_flip=3", "horizontal_flip must be bool"),
         ("epochs.count=3", "'epochs' is not a section"),

@@ -137,6 +137,40 @@ def test_resume_continues_from_the_saved_epoch_with_its_optimizer(tmp_path, data
     assert int(resumed.optimizer.iterations.numpy()) == 3 * steps
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop", "sgd"])
+def test_weight_decay_shrinks_every_weight_by_rate_times_decay(optimizer):
+    import keras
+
+    from training.train import compile_model
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    compile_model(model, optimizer, 0.1, weight_decay=0.2)
+    before = [keras.ops.convert_to_numpy(variable) for variable in model.trainable_variables]
+    # With zero gradients the only change is the decoupled decay: w <- w * (1 - rate * decay).
+    model.optimizer.apply_gradients(
+        [(keras.ops.zeros_like(variable), variable) for variable in model.trainable_variables]
+    )
+    for old, variable in zip(before, model.trainable_variables, strict=True):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(variable), old * (1 - 0.1 * 0.2), rtol=1e-6)
+
+    compile_model(model, optimizer, 0.1)
+    assert model.optimizer.weight_decay is None
+
+
+def test_weight_decay_of_a_recipe_survives_resume(tmp_path, data_root):
+    import keras
+
+    run_dir = tmp_path / "run"
+    train(tiny_recipe(epochs=1, weight_decay=0.01), run_dir=run_dir, data_dir=data_root, verbose=0,
+          evaluate=False)
+    assert keras.models.load_model(run_dir / "last.keras").optimizer.weight_decay == pytest.approx(0.01)
+    train(run_dir=run_dir, data_dir=data_root, resume=True, epochs=2, verbose=0, evaluate=False)
+    resumed = keras.models.load_model(run_dir / "last.keras")
+    assert resumed.optimizer.weight_decay == pytest.approx(0.01)
+    assert read_state(run_dir)["epoch"] == 2
+
+
 def test_a_killed_run_resumes_where_its_last_checkpoint_left_off(tmp_path, data_root):
     recipe = tmp_path / "slow.yaml"
     recipe.write_text(

@@ -70,6 +70,9 @@ class RecipeConfig:
     batch_size: int = 128
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+    # Decoupled weight decay (AdamW-style, the Keras optimizers' own ``weight_decay``): each step
+    # shrinks every weight by learning_rate * weight_decay of itself. 0 turns it off.
+    weight_decay: float = 0.0
     lr_schedule: str = "constant"
     early_stopping_patience: int = 0  # 0 disables early stopping
     monitor: str = "val_accuracy"
@@ -86,6 +89,8 @@ class RecipeConfig:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be 0 (off) or positive, got {self.weight_decay}.")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
         if self.lr_schedule not in SCHEDULES:

@@ -95,12 +95,14 @@ def is_binary(model: keras.Model) -> bool:
     return int(model.output_shape[-1]) == 1
 
 
-def _optimizer(name: str, learning_rate):
+def _optimizer(name: str, learning_rate, weight_decay: float = 0.0):
+    # Keras takes weight_decay=None for "off"; 0.0 would add a no-op decay step.
+    decay = weight_decay or None
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, weight_decay=decay)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate)
-    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+        return keras.optimizers.RMSprop(learning_rate, weight_decay=decay)
+    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=decay)
 
 
 def compile_model(
@@ -111,6 +113,7 @@ def compile_model(
     schedule: str = "constant",
     decay_steps: int = 1,
     steps_per_execution: int = 1,
+    weight_decay: float = 0.0,
 ) -> None:
     rate: Any = learning_rate
     if schedule == "cosine":
@@ -122,7 +125,7 @@ def compile_model(
         loss = keras.losses.SparseCategoricalCrossentropy()
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     model.compile(
-        optimizer=_optimizer(optimizer, rate),
+        optimizer=_optimizer(optimizer, rate, weight_decay),
         loss=loss,
         metrics=metrics,
         steps_per_execution=steps_per_execution,
@@ -375,7 +378,7 @@ def train(
             compile_model(
                 model, config.optimizer, config.learning_rate,
                 schedule=config.lr_schedule, decay_steps=steps_per_epoch * config.epochs,
-                steps_per_execution=config.steps_per_execution,
+                steps_per_execution=config.steps_per_execution, weight_decay=config.weight_decay,
             )
     _trim_history(run_path / "history.csv", start_epoch)
     state.setdefault("started", _now())
