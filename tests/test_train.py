@@ -262,11 +262,30 @@ def test_missing_data_leaves_no_run_directory(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_results_table_names_what_a_run_changed_from_its_recipe(tmp_path):
+    from training.config import apply_overrides, load_recipe, save_config
+    from training.results import results_table
+
+    shipped = tmp_path / "shipped" / "config.yaml"
+    changed = tmp_path / "changed" / "config.yaml"
+    for path in (shipped, changed):
+        path.parent.mkdir()
+    save_config(load_recipe("mnist_lenet5"), shipped)
+    save_config(apply_overrides(load_recipe("mnist_lenet5"), ["epochs=3", "augmentation.zoom=0.2",
+                                                              "description=mine"]), changed)
+    rows = {line.split(" | ")[-2]: line for line in results_table(tmp_path).splitlines()[2:]}
+    assert rows["changed"].endswith("| changed | augmentation.zoom=0.2, epochs=3 |")
+    assert rows["shipped"].endswith("| shipped | – |")
+    assert "| 0/3 |" in rows["changed"] and "training" in rows["changed"]
+
+
 def test_results_table_lists_finished_runs(finished_run, tmp_path):
     result = cli("results", str(finished_run.parent))
     assert result.returncode == 0, result.stderr
     metrics = json.loads((finished_run / "evaluation" / "metrics.json").read_text())
     row = next(line for line in result.stdout.splitlines() if line.startswith("| tiny_lenet5"))
     assert f"{metrics['test_accuracy'] * 100:.2f}%" in row and "| 2/2 |" in row and "99.30%" in row
+    # tiny_lenet5 is no shipped recipe; the run's folder is named.
+    assert row.endswith("| tiny | own recipe |")
     empty = cli("results", str(tmp_path))
     assert empty.returncode == 2 and "holds no run directories" in empty.stderr

@@ -1,5 +1,8 @@
 """A Markdown table of the runs under a folder: what the README's results table is made from.
 
+Each row also names the run directory and the settings in which the run differs from the shipped
+recipe of its name (``--set`` overrides, or a recipe that has changed since the run).
+
 Reads only the files each run directory already holds (``config.yaml``, ``state.json``,
 ``evaluation/metrics.json``), so it needs no TensorFlow and works while runs are still training.
 """
@@ -9,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.config import load_config_file
-from training.errors import RunError
+from training.config import RecipeConfig, load_config_file, load_recipe
+from training.errors import ConfigError, RunError
 
 
 def _duration(seconds: float | None) -> str:
@@ -22,6 +25,35 @@ def _duration(seconds: float | None) -> str:
 
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value * 100:.2f}%"
+
+
+# Fields that describe a recipe rather than change what it trains.
+_NOT_SETTINGS = {"name", "description", "course_accuracy"}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changes_from_recipe(config: RecipeConfig) -> str:
+    """The run's settings that differ from the shipped recipe of the same name, as ``key=value``.
+
+    Runs of a recipe name that is not shipped (a YAML file of one's own) show "own recipe".
+    """
+    try:
+        shipped = load_recipe(config.name)
+    except ConfigError:
+        return "own recipe"
+    ours, theirs = _flatten(config.to_dict()), _flatten(shipped.to_dict())
+    changed = [f"{key}={ours.get(key)}" for key in sorted(set(ours) | set(theirs))
+               if key not in _NOT_SETTINGS and ours.get(key) != theirs.get(key)]
+    return ", ".join(changed) or "–"
 
 
 def run_row(run_dir: Path) -> dict[str, str]:
@@ -46,6 +78,8 @@ def run_row(run_dir: Path) -> dict[str, str]:
         "time": _duration(state.get("train_seconds")),
         "accuracy": accuracy,
         "course": _percent(config.course_accuracy),
+        "run": run_dir.name,
+        "changes": changes_from_recipe(config),
     }
 
 
@@ -57,10 +91,10 @@ def results_table(runs_root: str | Path) -> str:
     if not rows:
         raise RunError(f"{root} holds no run directories (folders with a config.yaml).")
     lines = [
-        "| recipe | model | epochs | training time | test accuracy | course |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| recipe | model | epochs | training time | test accuracy | course | run | changes from the recipe |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for row in rows:
         lines.append(f"| {row['recipe']} | {row['model']} | {row['epochs']} | {row['time']} | "
-                     f"{row['accuracy']} | {row['course']} |")
+                     f"{row['accuracy']} | {row['course']} | {row['run']} | {row['changes']} |")
     return "\n".join(lines)
