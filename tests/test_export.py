@@ -144,6 +144,40 @@ def test_a_failed_verification_leaves_nothing_behind(digits_run, tmp_path, data_
     assert not (repository / "models.config").exists()
 
 
+def test_a_run_trained_with_mixed_precision_exports_in_float32(tmp_path, data_root):
+    """GPU training uses mixed_float16, and the saved model keeps that policy in its layers."""
+    import keras
+    import onnx
+
+    recipe = config_from_dict({
+        "name": "tiny_mixed", "dataset": "mnist", "model": "mnist_convnet", "channels": 1,
+        "validation_size": 200, "train_limit": 500, "test_limit": 200, "epochs": 1,
+        "batch_size": 64,
+    })
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        run_dir = train(recipe, run_dir=tmp_path / "run", data_dir=data_root, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    saved = keras.models.load_model(run_dir / "model.keras")
+    assert saved.get_layer("conv1").dtype_policy.name == "mixed_float16"
+
+    version = export_run(run_dir, repository=tmp_path / "repo", data_dir=data_root,
+                         check_accuracy=False)
+    assert version.metadata["verification"]["parity"]["max_difference"] < 1e-4
+    # The float32 export keeps the trained weights: it predicts what the float16 model predicts.
+    import tensorflow as tf
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1)).astype("float32")
+    exported_probabilities = tf.saved_model.load(str(version.path)).signatures["serving_default"](
+        image=tf.constant(images))["probabilities"].numpy()
+    np.testing.assert_allclose(exported_probabilities, np.asarray(saved(images), dtype="float32"), atol=1e-2)
+    graph = onnx.load(str(version.path / "assets.extra" / "model.onnx")).graph
+    float16 = onnx.TensorProto.FLOAT16
+    assert not [node.name for node in graph.node
+                if any(attribute.name == "to" and attribute.i == float16 for attribute in node.attribute)]
+
+
 def test_vgg_style_binary_model_exports_two_column_probabilities(vgg_run, tmp_path, data_root):
     version = export_run(vgg_run, repository=tmp_path / "repo", data_dir=data_root)
     metadata = version.metadata

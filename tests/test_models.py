@@ -116,3 +116,26 @@ def test_unreachable_imagenet_weights_name_the_weights_option(tmp_path):
     assert result.returncode != 0
     assert "ModelError: Could not fetch the VGG16 ImageNet weights" in result.stderr
     assert "--weights FILE" in result.stderr
+
+
+def test_float32_copy_of_a_mixed_precision_model_has_float32_layers_and_the_same_weights():
+    import keras
+    import numpy as np
+
+    from training.models import create_model, float32_copy
+
+    plain = create_model("lenet5", input_shape=(28, 28, 1))
+    assert float32_copy(plain) is plain
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = create_model("cifar10_cnn", input_shape=(16, 16, 3), batch_norm=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert mixed.get_layer("conv1").dtype_policy.name == "mixed_float16"
+    copy = float32_copy(mixed)
+    assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    assert copy.name == mixed.name and [layer.name for layer in copy.layers] == [layer.name for layer in mixed.layers]
+    for ours, theirs in zip(copy.get_weights(), mixed.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(copy.predict(images, verbose=0), mixed.predict(images, verbose=0), atol=1e-2)

@@ -318,6 +318,7 @@ def export_run(
 ) -> ModelVersion:
     """Export a finished run into the repository as the next version of ``name``; return it."""
     from training.config import load_config_file
+    from training.models import float32_copy
     from training.train import _datasets, load_run_model, read_state
 
     run_path = Path(run_dir)
@@ -337,7 +338,8 @@ def export_run(
     root = resolve_repository(repository)
 
     started = time.perf_counter()
-    model = load_run_model(run_path / "model.keras")
+    # A model trained with mixed precision (on a GPU) is exported as its float32 copy.
+    model = float32_copy(load_run_model(run_path / "model.keras"))
     dataset = _datasets(config, data_dir)
     graph = ServingGraph(model)
     if tuple(dataset.input_shape) != graph.input_shape:

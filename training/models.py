@@ -273,3 +273,21 @@ def feature_layers(model: keras.Model) -> list[str]:
     """Names of the convolution and pooling layers, in order: the model's feature maps."""
     kinds = (layers.Conv2D, layers.MaxPooling2D, layers.AveragePooling2D)
     return [layer.name for layer in model.layers if isinstance(layer, kinds)]
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The model computing in float32 in every layer, with the same weights.
+
+    Models trained on GPUs use the mixed_float16 policy, which their saved files keep; exports
+    (SavedModel, ONNX) and their parity checks want float32 throughout. A model that already
+    computes in float32 everywhere comes back as it is.
+    """
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+
+    def float32_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(model, clone_function=float32_layer)
+    copy.set_weights(model.get_weights())
+    return copy
