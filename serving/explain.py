@@ -390,19 +390,26 @@ class Explanations:
             if missing:
                 future = self._submit("filter_patterns", str(model.path), model.metadata,
                                       chosen, missing, steps, seed)
-                once = threading.Lock()
+                storing = threading.Lock()
+                stored: list[bool] = []
 
                 def store(done: Future) -> None:
-                    # Called by the request once it has the result, or, when the request gave up
-                    # waiting, by the executor when the worker finishes; whichever comes first stores.
-                    if done.cancelled() or done.exception() is not None or not once.acquire(blocking=False):
+                    # Called by the request once it has the result, and by the executor when the
+                    # worker finishes (which matters when the request gave up waiting). Whichever
+                    # comes first stores; the other waits until that is done, so a request never
+                    # answers before its patterns are in memory and on disk.
+                    if done.cancelled() or done.exception() is not None:
                         return
-                    computed, patterns, gains = done.result()
-                    for index, pattern, gain in zip(computed, patterns, gains, strict=True):
-                        entry.patterns[int(index)] = pattern
-                        entry.gains[int(index)] = gain
-                    self.computed_filters += len(computed)
-                    self._save_cache(entry, path)
+                    with storing:
+                        if stored:
+                            return
+                        computed, patterns, gains = done.result()
+                        for index, pattern, gain in zip(computed, patterns, gains, strict=True):
+                            entry.patterns[int(index)] = pattern
+                            entry.gains[int(index)] = gain
+                        self.computed_filters += len(computed)
+                        self._save_cache(entry, path)
+                        stored.append(True)
 
                 entry.inflight = (future, store)
                 future.add_done_callback(store)

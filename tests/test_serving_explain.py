@@ -139,6 +139,36 @@ def test_filter_patterns_are_cached_per_filter_and_on_disk(core, store, explanat
     assert sorted(path.name for path in files) == ["conv1-steps10-seed0.npz", "conv1-steps5-seed0.npz"]
 
 
+def test_an_answer_waits_for_its_patterns_to_be_stored(store, tmp_path, monkeypatch):
+    """The worker's completion callback may store first; the request must not answer before it is done."""
+    model = store.get("digits")
+    opened = Explanations(cache_dir=tmp_path / "cache", threads=1)
+    slow_save, original_save = [], Explanations._save_cache
+
+    def save_slowly(entry, path):
+        time.sleep(0.5)
+        original_save(entry, path)
+        slow_save.append(path)
+
+    original_result = opened._result
+
+    def late_result(future, what):
+        answer = original_result(future, what)
+        time.sleep(0.2)  # Let the completion callback win the race to store.
+        return answer
+
+    monkeypatch.setattr(Explanations, "_save_cache", staticmethod(save_slowly))
+    monkeypatch.setattr(opened, "_result", late_result)
+    try:
+        answer = InferenceCore(store, explanations=opened).filter_patterns(model, "conv1", 3, steps=5)
+        assert answer["filters"] == [0, 1, 2] and len(answer["mean_activation"]) == 3
+        # The cache file is complete when the answer comes, not still being written.
+        assert len(slow_save) == 1 and slow_save[0].is_file()
+        assert not [path.name for path in slow_save[0].parent.iterdir() if path.name.startswith(".")]
+    finally:
+        opened.close()
+
+
 def test_filter_pattern_requests_are_checked(core, store):
     model = store.get("digits")
     with pytest.raises(NotFoundError, match="no convolution layer 'pool1'"):
