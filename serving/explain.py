@@ -391,13 +391,14 @@ class Explanations:
                 future = self._submit("filter_patterns", str(model.path), model.metadata,
                                       chosen, missing, steps, seed)
                 storing = threading.Lock()
-                stored: list[bool] = []
+                stored = False
 
                 def store(done: Future) -> None:
                     # Called by the request once it has the result, and by the executor when the
                     # worker finishes (which matters when the request gave up waiting). Whichever
                     # comes first stores; the other waits until that is done, so a request never
                     # answers before its patterns are in memory and on disk.
+                    nonlocal stored
                     if done.cancelled() or done.exception() is not None:
                         return
                     with storing:
@@ -409,7 +410,7 @@ class Explanations:
                             entry.gains[int(index)] = gain
                         self.computed_filters += len(computed)
                         self._save_cache(entry, path)
-                        stored.append(True)
+                        stored = True
 
                 entry.inflight = (future, store)
                 future.add_done_callback(store)
