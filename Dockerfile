@@ -25,12 +25,13 @@ RUN apt-get update \
 RUN useradd --create-home --uid 10001 cnnkit
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY training ./training
-COPY serving ./serving
+COPY cnnkit ./cnnkit
 COPY clients ./clients
 
-# The service needs TensorFlow only for the TF-Serving protos (tensorflow-serving-api depends on
-# it); inference runs on ONNX Runtime, here its GPU build.
+# Inference runs on ONNX Runtime, here its GPU build; the serving process imports no TensorFlow
+# (its gRPC messages are the SDK's copies of TF Serving's protos). TensorFlow stays installed for
+# the explanation worker (Grad-CAM and filter patterns need its gradients). Settings come from
+# CNNKIT_* variables or a mounted YAML file (CNNKIT_CONFIG=/config/serve.yaml); see README, Settings.
 RUN python3.11 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
     && /opt/venv/bin/pip install --no-cache-dir ".[serving]" \

@@ -59,7 +59,7 @@ def prediction_latencies(model, image: np.ndarray, seconds: float) -> tuple[floa
 
 def under_explain_load(store, model, image, workdir: Path, niceness: int, seconds: float, filters: int):
     """Prediction latency while a worker at ``niceness`` computes filter patterns continuously."""
-    from serving.explain import Explanations
+    from cnnkit.serving.explain import Explanations
 
     explanations = Explanations(cache_dir=workdir / f"cache-nice{niceness}", niceness=niceness, timeout=600)
     explanations.start()
@@ -85,9 +85,9 @@ def under_explain_load(store, model, image, workdir: Path, niceness: int, second
 
 def benchmark_model(name: str, repository: Path, image: np.ndarray, run_dir: Path, workdir: Path,
                     filters: int, load_seconds: float) -> None:
-    from serving.explain import Explanations
-    from serving.model_store import ModelStore
-    from training.explain import open_explainer
+    from cnnkit.serving.explain import Explanations
+    from cnnkit.serving.model_store import ModelStore
+    from cnnkit.training.explain import open_explainer
 
     print(f"\n== {name} ({'x'.join(map(str, image.shape))}) ==")
     keras_explainer = open_explainer(run_dir)
@@ -135,8 +135,8 @@ def benchmark_model(name: str, repository: Path, image: np.ndarray, run_dir: Pat
 
 
 def benchmark_vgg16(filters: int) -> None:
-    from training.explain import KerasExplainer
-    from training.models import create_model
+    from cnnkit.training.explain import KerasExplainer
+    from cnnkit.training.models import create_model
 
     print("\n== vgg16_transfer (150x150x3, random weights, in-process Keras) ==")
     model = create_model("vgg16_transfer", weights="none")
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tiny_runs import train_tiny_run
 
-    from training.data import load_dataset
-    from training.export import export_run
+    from cnnkit.training.data import load_dataset
+    from cnnkit.training.export import export_run
 
     print(f"cores: {os.cpu_count()}; worker threads: all, nice 10 unless stated")
     workdir = Path(tempfile.mkdtemp(prefix="cnnkit-explain-bench-"))
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = train_tiny_run(RECIPES[name], workdir / name, args.data_dir)
             repository = workdir / "model_repository"
             export_run(run_dir, name=name, repository=repository, data_dir=args.data_dir, check_accuracy=False)
-            from training.config import load_config_file
+            from cnnkit.training.config import load_config_file
 
             config = load_config_file(run_dir / "config.yaml")
             dataset = load_dataset(config.dataset, args.data_dir, validation_size=config.validation_size,

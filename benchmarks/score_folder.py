@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def build_repository(workdir: Path, data_dir: str | None) -> tuple[Path, str]:
     from tiny_runs import train_tiny_run
 
-    from training.export import export_run
+    from cnnkit.training.export import export_run
 
     run_dir = train_tiny_run("catsdogs_small", workdir, data_dir)
     repository = workdir / "model_repository"
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data_dir:
         parser.error("set --data-dir or CNNKIT_DATA_DIR (a data root with cats_and_dogs_filtered/)")
 
+    from cnnkit.serving.local import LocalClient
+    from cnnkit.serving.process import ServiceProcess
     from cnnkit_client import Client, GrpcClient
     from cnnkit_client.scoring import find_images, score_folder
-    from serving.local import LocalClient
-    from serving.process import ServiceProcess
 
     workdir = Path(tempfile.mkdtemp(prefix="cnnkit-score-bench-"))
     try:

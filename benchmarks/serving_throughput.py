@@ -172,11 +172,11 @@ def in_process_limit(repository: Path, model: str, seconds: float) -> tuple[int,
 
     The session's pool threads spin between runs here, ONNX Runtime's fastest setting for
     back-to-back batches, so the limit is not understated. The service itself runs without
-    spinning (see ``serving.model_store.session_options``).
+    spinning (see ``cnnkit.serving.model_store.session_options``).
     """
     import numpy as np
 
-    from serving.model_store import ModelStore
+    from cnnkit.serving.model_store import ModelStore
 
     store = ModelStore(repository, spin=True)
     store.refresh()
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    from serving.process import ServiceProcess, free_port
-    from training.export import export_run
+    from cnnkit.serving.process import ServiceProcess, free_port
+    from cnnkit.training.export import export_run
 
     workdir = Path(tempfile.mkdtemp(prefix="cnnkit-serving-bench-"))
     try:

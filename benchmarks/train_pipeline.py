@@ -33,8 +33,8 @@ def _course_style(model, x, y, batch_size: int, warmup: int) -> float:
 
 
 def _recipe_style(model, x, y, config, augmentation: bool, warmup: int) -> float:
-    from training.data import make_pipeline
-    from training.train import build_augmentation, compile_model
+    from cnnkit.training.data import make_pipeline
+    from cnnkit.training.train import build_augmentation, compile_model
 
     compile_model(model, config.optimizer, config.learning_rate,
                   steps_per_execution=config.steps_per_execution)
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from training.config import load_recipe
-    from training.data import load_dataset
-    from training.models import create_model
+    from cnnkit.training.config import load_recipe
+    from cnnkit.training.data import load_dataset
+    from cnnkit.training.models import create_model
 
     config = load_recipe(args.recipe)
     dataset = load_dataset(config.dataset, args.data_dir, validation_size=config.validation_size,

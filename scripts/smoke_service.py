@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from PIL import Image
 
-    from training.data import load_dataset
+    from cnnkit.training.data import load_dataset
 
     dataset = load_dataset("mnist", args.data_dir, validation_size=10, test_limit=args.images)
     images, labels = dataset.x_test, dataset.y_test

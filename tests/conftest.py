@@ -52,8 +52,8 @@ def no_data_env(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_digits_run(tmp_path_factory, data_root):
     """A LeNet-5 trained for one epoch on 1,000 MNIST digits: a real run directory in seconds."""
-    from training.config import config_from_dict
-    from training.train import train
+    from cnnkit.training.config import config_from_dict
+    from cnnkit.training.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "digits"
     recipe = config_from_dict({
@@ -67,7 +67,7 @@ def tiny_digits_run(tmp_path_factory, data_root):
 @pytest.fixture(scope="session")
 def digits_repository(tiny_digits_run, tmp_path_factory, data_root):
     """A model repository holding the tiny digits model as ``digits`` version 1."""
-    from training.export import export_run
+    from cnnkit.training.export import export_run
 
     repository = tmp_path_factory.mktemp("serving") / "model_repository"
     export_run(tiny_digits_run, name="digits", repository=repository, data_dir=data_root,

@@ -1,10 +1,10 @@
-"""A real cnnkit service on 127.0.0.1 for tests (see serving.process)."""
+"""A real cnnkit service on 127.0.0.1 for tests (see cnnkit.serving.process)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from serving.process import ServiceProcess, free_port
+from cnnkit.serving.process import ServiceProcess, free_port
 
 
 class RunningService(ServiceProcess):

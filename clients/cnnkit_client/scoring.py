@@ -266,14 +266,19 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", desc="scoring", dynamic_ncols=True, file=sys.stderr, disable=not enabled)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+LocalPredictor = Callable[[str], Predictor]
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, local: bool = False) -> None:
+    """The scoring options; ``--local`` only where the caller can score in-process (``cnnkit score``)."""
     parser.add_argument("folder", type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--model", required=True, help="model name")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="cnnkit HTTP service (default http://127.0.0.1:3000)")
     where.add_argument("--grpc", metavar="TARGET", help="cnnkit gRPC service, HOST:PORT")
-    where.add_argument("--local", metavar="REPOSITORY",
-                       help="score in-process with ONNX Runtime from a model repository (needs cnnkit)")
+    if local:
+        where.add_argument("--local", metavar="REPOSITORY",
+                           help="score in-process with ONNX Runtime from a model repository")
     parser.add_argument("--out", type=Path, default=Path("scores.csv"), help="results .csv or .jsonl (appended)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
@@ -283,16 +288,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def make_predictor(args: argparse.Namespace) -> Predictor:
-    if args.local:
-        try:
-            from serving.local import LocalClient
-        except ImportError as error:
-            raise InvalidInputError(
-                f"--local runs the service's code in-process and needs the cnnkit package with its serving "
-                f"extra (pip install 'cnnkit[serving]'): {error}"
-            ) from error
-        return LocalClient(args.local)
+def make_predictor(args: argparse.Namespace, local_predictor: LocalPredictor | None = None) -> Predictor:
+    """The client the arguments name; ``local_predictor(repository)`` serves ``--local``."""
+    if getattr(args, "local", None):
+        if local_predictor is None:
+            raise InvalidInputError("--local needs the full cnnkit install: use `cnnkit score --local`.")
+        return local_predictor(args.local)
     if args.grpc:
         from cnnkit_client._grpc import GrpcClient
 
@@ -302,10 +303,10 @@ def make_predictor(args: argparse.Namespace) -> Predictor:
     return Client(args.url or DEFAULT_URL, api_key=args.api_key, timeout=args.timeout)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, local_predictor: LocalPredictor | None = None) -> int:
     """Score as the arguments say; prints the summary. Exit status 0, or 1 when stopped early."""
     try:
-        predictor = make_predictor(args)
+        predictor = make_predictor(args, local_predictor)
         try:
             summary = score_folder(predictor, args.folder, args.out, model=args.model, top_k=args.top_k,
                                    concurrency=args.concurrency, batch_size=args.batch_size,

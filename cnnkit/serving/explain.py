@@ -1,0 +1,413 @@
+"""Grad-CAM heatmaps and filter patterns in the service, computed away from plain predictions.
+
+Both need TensorFlow gradients, which ONNX Runtime does not compute. They run in one worker process
+(``python -m cnnkit.serving.explain_worker``, started on first use, or at start-up with
+the ``explain_preload`` setting) that imports TensorFlow and loads the exported SavedModel: the
+``gradcam`` signature for heatmaps and the differentiable ``feature_maps`` signature for filter
+patterns (see :mod:`cnnkit.training.explain`). The serving process itself never imports TensorFlow, and
+the worker runs at a lower CPU priority (``explain_nice``, default 10) with
+``explain_threads`` threads, so predictions keep the cores they need.
+
+Requests are checked here first (class, layer, filters), so bad ones never reach the worker. At
+most ``explain_queue`` explanations wait at once; more answer 503. A request that waits
+longer than ``explain_timeout`` seconds answers 503 too, but a filter-pattern computation
+keeps running and lands in the cache, so asking again later returns it.
+
+Filter patterns are cached per model version, layer, steps and seed: in memory and on disk under
+``cache_dir`` (default ``~/.cache/cnnkit``), keyed by the SavedModel's sha256, so they
+survive restarts. Each filter is computed once; a request for more filters computes only the new ones.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnkit.errors import ExplainError, InvalidInputError, NotFoundError, ServerFaultError, UnavailableError
+from cnnkit.explain import (
+    PATTERN_STEPS,
+    check_conv_layer,
+    check_filters,
+    resolve_class,
+)
+from cnnkit.serving import explain_worker
+from cnnkit.serving.model_store import LoadedModel
+from cnnkit.settings import Settings, default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+MAX_PATTERN_STEPS = 200
+MAX_PATTERN_FILTERS = 512
+
+
+@dataclass
+class GradCam:
+    model: str
+    version: int
+    layer: str
+    class_index: int
+    class_name: str
+    probability: float
+    predicted_index: int
+    predicted_name: str
+    predicted_probability: float
+    heatmap: np.ndarray  # (H, W) in [0, 1]
+    coarse_heatmap: np.ndarray
+
+
+@dataclass
+class FilterPatterns:
+    model: str
+    version: int
+    layer: str
+    steps: int
+    seed: int
+    filters: list[int]
+    patterns: np.ndarray  # (F, H, W, C) uint8
+    mean_activation: np.ndarray  # (F, 2): before and after the ascent
+    cached: bool
+
+    @property
+    def dead(self) -> list[int]:
+        """Filters that never fired from any start (drawn black)."""
+        return [index for index, gain in zip(self.filters, self.mean_activation, strict=True) if gain[1] <= 0]
+
+
+@dataclass
+class _PatternEntry:
+    """The computed filters of one (model version, layer, steps, seed)."""
+
+    patterns: dict[int, np.ndarray] = field(default_factory=dict)
+    gains: dict[int, np.ndarray] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    inflight: tuple[Future, Any] | None = None
+
+
+def explain_layers(model: LoadedModel) -> dict[str, Any]:
+    """What a client may ask of a model: its Grad-CAM layer and its convolution layers."""
+    explain = model.metadata.get("explain") or {}
+    return {"gradcam_layer": explain.get("gradcam_layer"), "conv_layers": model.conv_layer_names}
+
+
+class WorkerStoppedError(Exception):
+    """The worker process exited (crashed, killed or out of memory)."""
+
+
+class WorkerProcess:
+    """``python -m cnnkit.serving.explain_worker`` with requests and answers as length-prefixed pickles on pipes.
+
+    A plain subprocess rather than multiprocessing: spawn would re-import the parent's ``__main__``
+    (BentoML's worker, pytest, a user's script), which is neither safe nor cheap.
+    """
+
+    def __init__(self, threads: int, niceness: int):
+        project = str(Path(__file__).resolve().parents[2])
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [project, environment.get("PYTHONPATH")]))
+        environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cnnkit.serving.explain_worker", str(threads), str(niceness)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment, cwd=project,
+        )
+        self._futures: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._identifiers = itertools.count()
+        self._stopped = False
+        threading.Thread(target=self._read_answers, name="cnnkit-explain-reader", daemon=True).start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and self.process.poll() is None
+
+    def submit(self, function: str, *args: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if not self.alive:
+                raise WorkerStoppedError("the explanation worker is not running")
+            identifier = next(self._identifiers)
+            self._futures[identifier] = future
+            try:
+                explain_worker.write_message(self.process.stdin, (identifier, function, args))
+            except (BrokenPipeError, OSError, ValueError) as error:
+                del self._futures[identifier]
+                raise WorkerStoppedError(f"the explanation worker is not running ({error})") from error
+        return future
+
+    def _read_answers(self) -> None:
+        stream = self.process.stdout
+        try:
+            while (message := explain_worker.read_message(stream)) is not None:
+                identifier, ok, result = message
+                with self._lock:
+                    future = self._futures.pop(identifier, None)
+                if future is not None:
+                    future.set_result(result) if ok else future.set_exception(result)
+        except Exception:  # noqa: BLE001 - a torn answer: the worker died mid-write.
+            logger.exception("reading from the explanation worker failed")
+        code = self.process.wait()
+        with self._lock:
+            self._stopped = True
+            waiting, self._futures = list(self._futures.values()), {}
+        if waiting:
+            logger.error("the explanation worker exited with status %s", code)
+        for future in waiting:
+            future.set_exception(WorkerStoppedError(f"the explanation worker exited with status {code}"))
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
+
+
+class Explanations:
+    """The explanation worker, the checks in front of it and the filter-pattern cache."""
+
+    def __init__(self, *, threads: int = 0, niceness: int = 10, timeout: float = 50.0, max_queue: int = 8,
+                 cache_dir: str | os.PathLike | None = None):
+        self.threads = threads
+        self.niceness = niceness
+        self.timeout = timeout
+        self.max_queue = max_queue
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._worker: WorkerProcess | None = None
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._patterns: dict[tuple, _PatternEntry] = {}
+        self.computed_filters = 0  # filters the worker optimised (not served from the cache)
+        self.workers_started = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Explanations:
+        return cls(threads=settings.explain_threads, niceness=settings.explain_nice, timeout=settings.explain_timeout,
+                   max_queue=settings.explain_queue, cache_dir=settings.resolved_cache_dir)
+
+    # The worker --------------------------------------------------------------------------------
+
+    def _running_worker(self) -> WorkerProcess:
+        with self._lock:
+            if self._worker is None or not self._worker.alive:
+                if self._worker is not None:
+                    logger.warning("restarting the explanation worker")
+                    self._worker.close()
+                self._worker = WorkerProcess(self.threads, self.niceness)
+                self.workers_started += 1
+            return self._worker
+
+    @property
+    def worker_pid(self) -> int | None:
+        worker = self._worker
+        return worker.process.pid if worker is not None and worker.alive else None
+
+    def start(self) -> Explanations:
+        """Start the worker and import TensorFlow in it now, instead of on the first request."""
+        self._running_worker().submit("warm_up")
+        return self
+
+    def _submit(self, function: str, *args: Any) -> Future:
+        with self._lock:
+            if self._pending >= self.max_queue:
+                raise UnavailableError(f"{self._pending} explanations are already waiting; try again shortly.")
+            self._pending += 1
+        try:
+            try:
+                future = self._running_worker().submit(function, *args)
+            except WorkerStoppedError:
+                future = self._running_worker().submit(function, *args)  # it died just now: once more
+        except BaseException:
+            with self._lock:
+                self._pending -= 1
+            raise
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _future: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def _result(self, future: Future, what: str) -> Any:
+        try:
+            return future.result(timeout=self.timeout)
+        except FutureTimeout as error:
+            raise UnavailableError(f"{what} took longer than {self.timeout:.0f} s; try again later.") from error
+        except WorkerStoppedError as error:
+            raise UnavailableError(f"The explanation worker stopped during {what} ({error}); try again.") from error
+        except ExplainError as error:
+            raise InvalidInputError(str(error)) from error
+        except Exception as error:  # noqa: BLE001 - anything else from the worker is our fault.
+            logger.error("explanation worker failed on %s: %s", what, error)
+            raise ServerFaultError(f"{what} failed: {error}") from error
+
+    def close(self) -> None:
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
+
+    # Grad-CAM ----------------------------------------------------------------------------------
+
+    def gradcam(self, model: LoadedModel, image: np.ndarray, target: int | str | None = None) -> GradCam:
+        """Grad-CAM of one validated image (H, W, C) of raw pixels for a class (default: predicted)."""
+        layers = explain_layers(model)
+        if not layers["conv_layers"]:
+            raise InvalidInputError(f"Model {model.name} has no convolution layer: there is no heatmap to draw.")
+        if not layers["gradcam_layer"]:
+            raise NotFoundError(f"Model {model.name} version {model.version} was exported without a Grad-CAM "
+                                f"signature (before cnnkit had one): export its run again with `cnnkit export`.")
+        try:
+            index = resolve_class(target, model.class_names)
+        except ExplainError as error:
+            raise InvalidInputError(str(error)) from error
+        pixels = np.asarray(image, dtype=np.float32)
+        future = self._submit("gradcam", str(model.path), model.metadata, pixels, index)
+        outputs = self._result(future, "Grad-CAM")
+        probabilities = np.asarray(outputs["probabilities"], np.float32)
+        explained, predicted = int(outputs["class_index"]), int(probabilities.argmax())
+        names = model.class_names
+        return GradCam(model=model.name, version=model.version, layer=outputs["layer"], class_index=explained,
+                       class_name=names[explained], probability=float(probabilities[explained]),
+                       predicted_index=predicted, predicted_name=names[predicted],
+                       predicted_probability=float(probabilities[predicted]),
+                       heatmap=np.asarray(outputs["heatmap"], np.float32),
+                       coarse_heatmap=np.asarray(outputs["coarse_heatmap"], np.float32))
+
+    # Filter patterns ---------------------------------------------------------------------------
+
+    def check_pattern_request(self, model: LoadedModel, layer: str | None, filters: Sequence[int] | int | None,
+                              steps: int) -> tuple[str, list[int]]:
+        if not isinstance(steps, int) or not 1 <= steps <= MAX_PATTERN_STEPS:
+            raise InvalidInputError(f"'steps' must be an integer from 1 to {MAX_PATTERN_STEPS}, got {steps!r}.")
+        if not model.conv_layer_names:
+            raise InvalidInputError(f"Model {model.name} has no convolution layer: it has no filters to show.")
+        try:
+            chosen = check_conv_layer(layer, model.conv_layer_names, model.name)
+        except ExplainError as error:
+            raise NotFoundError(str(error)) from error
+        channels = int(next(item for item in model.feature_layers if item["name"] == chosen)["output_shape"][-1])
+        try:
+            indices = check_filters(filters, channels, chosen)
+        except ExplainError as error:
+            raise InvalidInputError(str(error)) from error
+        if len(indices) > MAX_PATTERN_FILTERS:
+            raise InvalidInputError(f"At most {MAX_PATTERN_FILTERS} filters per request, got {len(indices)}.")
+        return chosen, indices
+
+    def _cache_path(self, model: LoadedModel, layer: str, steps: int, seed: int) -> Path:
+        digest = str(model.metadata.get("files", {}).get("saved_model.pb", "unknown"))[:16]
+        return self.cache_dir / "filter_patterns" / model.name / f"{model.version}-{digest}" / \
+            f"{layer}-steps{steps}-seed{seed}.npz"
+
+    def _entry(self, model: LoadedModel, layer: str, steps: int, seed: int) -> _PatternEntry:
+        key = (model.name, model.version, str(model.path), layer, steps, seed)
+        with self._lock:
+            entry = self._patterns.get(key)
+            if entry is None:
+                entry = self._patterns[key] = _PatternEntry()
+                self._load_cache(entry, self._cache_path(model, layer, steps, seed))
+            return entry
+
+    @staticmethod
+    def _load_cache(entry: _PatternEntry, path: Path) -> None:
+        if not path.is_file():
+            return
+        try:
+            with np.load(path) as stored:
+                for index, pattern, gain in zip(stored["filters"], stored["patterns"], stored["gains"], strict=True):
+                    entry.patterns[int(index)] = pattern
+                    entry.gains[int(index)] = gain
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("ignoring unreadable filter-pattern cache %s: %s", path, error)
+
+    @staticmethod
+    def _save_cache(entry: _PatternEntry, path: Path) -> None:
+        from cnnkit.io import atomic_write_bytes
+
+        order = sorted(entry.patterns)
+        buffer = io.BytesIO()
+        np.savez(buffer, filters=np.asarray(order, np.int32),
+                 patterns=np.stack([entry.patterns[index] for index in order]),
+                 gains=np.stack([entry.gains[index] for index in order]))
+        try:
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError as error:
+            logger.warning("could not write the filter-pattern cache %s: %s", path, error)
+
+    def filter_patterns(self, model: LoadedModel, layer: str | None = None,
+                        filters: Sequence[int] | int | None = None, *, steps: int = PATTERN_STEPS,
+                        seed: int = 0) -> FilterPatterns:
+        """Patterns of a layer's filters (default: the last conv layer, its first 64 filters), cached."""
+        chosen, indices = self.check_pattern_request(model, layer, filters, steps)
+        entry = self._entry(model, chosen, steps, seed)
+        path = self._cache_path(model, chosen, steps, seed)
+        # One computation per entry at a time: a second request for the same layer waits and reuses it.
+        if not entry.lock.acquire(timeout=self.timeout):
+            raise UnavailableError(f"The patterns of {chosen} are being computed; try again later.")
+        try:
+            if entry.inflight is not None:
+                # An earlier request gave up waiting; its computation may still be running: wait for it.
+                earlier, store_earlier = entry.inflight
+                try:
+                    self._result(earlier, f"Filter patterns of {chosen}")
+                finally:
+                    if earlier.done():  # finished or failed; a timed-out one stays for the next request
+                        entry.inflight = None
+                store_earlier(earlier)
+            missing = [index for index in indices if index not in entry.patterns]
+            if missing:
+                future = self._submit("filter_patterns", str(model.path), model.metadata,
+                                      chosen, missing, steps, seed)
+                storing = threading.Lock()
+                stored = False
+
+                def store(done: Future) -> None:
+                    # Called by the request once it has the result, and by the executor when the
+                    # worker finishes (which matters when the request gave up waiting). Whichever
+                    # comes first stores; the other waits until that is done, so a request never
+                    # answers before its patterns are in memory and on disk.
+                    nonlocal stored
+                    if done.cancelled() or done.exception() is not None:
+                        return
+                    with storing:
+                        if stored:
+                            return
+                        computed, patterns, gains = done.result()
+                        for index, pattern, gain in zip(computed, patterns, gains, strict=True):
+                            entry.patterns[int(index)] = pattern
+                            entry.gains[int(index)] = gain
+                        self.computed_filters += len(computed)
+                        self._save_cache(entry, path)
+                        stored = True
+
+                entry.inflight = (future, store)
+                future.add_done_callback(store)
+                try:
+                    self._result(future, f"Filter patterns of {chosen}")
+                finally:
+                    if future.done():
+                        entry.inflight = None
+                store(future)
+        finally:
+            entry.lock.release()
+        return FilterPatterns(
+            model=model.name, version=model.version, layer=chosen, steps=steps, seed=seed, filters=indices,
+            patterns=np.stack([entry.patterns[index] for index in indices]),
+            mean_activation=np.stack([entry.gains[index] for index in indices]).astype(np.float32),
+            cached=not missing,
+        )

@@ -1,0 +1,1 @@
+"""The gRPC front end: TF Serving's PredictionService and ModelService, health, and JSON extensions."""

@@ -1,0 +1,61 @@
+"""ASGI middleware of the HTTP front end: the optional API key and the request-body limit.
+
+The API key (setting ``api_key``) guards every route but health checks. HTTP clients send it as
+``x-api-key: KEY`` or ``Authorization: Bearer KEY``; gRPC clients as the same metadata. Keys are
+compared in constant time. The body limit answers 413 before a too-large upload is read.
+"""
+
+from __future__ import annotations
+
+import json
+
+from cnnkit.serving.auth import key_matches, presented_key
+
+OPEN_HTTP_PATHS = ("/livez", "/readyz", "/healthz")
+
+
+class ApiKeyMiddleware:
+    """ASGI middleware answering 401 ``{"error": ...}`` to requests without the right key."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_HTTP_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]]
+        if key_matches(presented_key(headers), self.api_key):
+            await self.app(scope, receive, send)
+            return
+        await _send_json(send, 401, "Missing or wrong API key (header x-api-key).",
+                         [(b"www-authenticate", b"Bearer")])
+
+
+async def _send_json(send, status: int, message: str, extra_headers: list[tuple[bytes, bytes]] | None = None):
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *(extra_headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """Refuse requests whose Content-Length is over ``limit`` bytes with 413, before reading them.
+
+    Chunked uploads without a length are left to the routes' own checks (image and body sizes).
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    await _send_json(send, 413, f"The request body is {int(value)} bytes; "
+                                                f"the limit is {self.limit} bytes.")
+                    return
+        await self.app(scope, receive, send)

@@ -1,0 +1,310 @@
+"""The cnnkit service: BentoML for HTTP, with the TF-Serving gRPC server in the same process.
+
+Start it with ``cnnkit serve`` or, from the project root, ``bentoml serve``. It serves every model
+of the repository named by the settings (:mod:`cnnkit.settings`, default ``./model_repository``):
+
+* HTTP (BentoML, port 3000): ``POST /predict`` (image upload), ``POST /predict_json`` (base64
+  images or a pixel tensor), ``POST /feature_maps``, ``POST /gradcam``, ``POST /filter_patterns``
+  (see :mod:`cnnkit.serving.explain`), ``POST /reload``; ``GET /models...`` and the
+  TF-Serving REST API under ``/v1``; BentoML's ``/livez``, ``/readyz``, ``/metrics`` and Swagger UI.
+* gRPC (setting ``grpc_port``, default 8500): TF Serving's PredictionService, ModelService, health.
+
+The class stays thin: the request bodies are the pydantic models of :mod:`cnnkit.serving.requests`,
+decoding lives in :mod:`cnnkit.serving.inputs`, inference in the one :class:`InferenceCore` that
+both front ends share, and every route goes through :func:`route` (metrics and error answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+import bentoml  # noqa: E402
+from bentoml import IODescriptor  # noqa: E402
+from bentoml.validators import ContentType  # noqa: E402
+from pydantic import BaseModel, create_model  # noqa: E402
+
+from cnnkit.errors import ServingError  # noqa: E402
+from cnnkit.repository import resolve_repository  # noqa: E402
+from cnnkit.serving import metrics  # noqa: E402
+from cnnkit.serving.core import InferenceCore  # noqa: E402
+from cnnkit.serving.http.errors import error_response  # noqa: E402
+from cnnkit.serving.http.middleware import ApiKeyMiddleware, BodyLimitMiddleware  # noqa: E402
+from cnnkit.serving.http.rest import build_models_app, build_tf_serving_app  # noqa: E402
+from cnnkit.serving.inputs import check_count, decode_base64, decode_image, decode_images, tensor_from_json  # noqa: E402
+from cnnkit.serving.model_store import ModelStore, RepositoryPoller  # noqa: E402
+from cnnkit.serving.requests import (  # noqa: E402
+    FeatureMapsJsonRequest,
+    FeatureMapsRequest,
+    FilterPatternsRequest,
+    GradCamJsonRequest,
+    GradCamRequest,
+    PredictJsonRequest,
+    PredictRequest,
+    parse,
+)
+from cnnkit.settings import Settings, service_settings  # noqa: E402
+
+logger = logging.getLogger("cnnkit.serving")
+
+# The routes' return type. Naming the media type up front matters for speed: without it BentoML
+# builds the JSON schema of the return annotation on every response just to find its media type
+# (about a tenth of the server's time per request for a small model).
+JsonObject = Annotated[dict[str, Any], ContentType("application/json")]
+
+# Read once when the service module is imported (by `cnnkit serve`'s BentoML processes).
+SETTINGS = service_settings()
+
+
+def repository_from_bento_store(tags: list[str]) -> Path:
+    """A model repository view of BentoML store models: NAME/VERSION links to their exports."""
+    import tempfile
+
+    from cnnkit.bento import open_bento_model
+
+    root = Path(tempfile.mkdtemp(prefix="cnnkit-bento-repository-"))
+    for tag in tags:
+        version = open_bento_model(tag)
+        (root / version.name).mkdir(exist_ok=True)
+        (root / version.name / str(version.version)).symlink_to(version.path, target_is_directory=True)
+    return root
+
+
+def input_spec(request: type[BaseModel], **files: type) -> type[IODescriptor]:
+    """The BentoML input spec of a route whose body is one of the shared request models.
+
+    BentoML only collects the fields (and stores uploaded ``files``); the route validates them with
+    :func:`parse`, so a bad field is answered like every other refusal, with one message naming it.
+    The OpenAPI document still shows the request model's fields, types and descriptions.
+    """
+    fields: dict[str, Any] = {name: (Any, None) for name in request.model_fields}
+    fields.update({name: (kind, ...) for name, kind in files.items()})
+    spec = create_model(f"{request.__name__}Body", __base__=IODescriptor, __doc__=request.__doc__, **fields)
+
+    def documented_schema(cls: type[IODescriptor], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        schema = IODescriptor.model_json_schema.__func__(cls, *args, **kwargs)  # type: ignore[attr-defined]
+        documented = request.model_json_schema()
+        schema["properties"] = {**documented["properties"],
+                                **{name: schema["properties"][name] for name in files}}
+        schema["required"] = [*documented.get("required", []), *files]
+        if "$defs" in documented:
+            schema.setdefault("$defs", {}).update(documented["$defs"])
+        return schema
+
+    spec.model_json_schema = classmethod(documented_schema)  # type: ignore[method-assign,assignment]
+    return spec
+
+
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields a request sent (None: not sent, so the request model's default applies), files left out."""
+    return {name: value for name, value in fields.items() if value is not None and name != "image"}
+
+
+def route(endpoint: str) -> Callable:
+    """Wrap a BentoML route: count it in the metrics (model, version, latency, errors) and answer a
+    refused request with the one HTTP error renderer, ``{"error": message}`` and its status."""
+
+    def decorate(function: Callable) -> Callable:
+        if inspect.iscoroutinefunction(function):
+            @functools.wraps(function)
+            async def answer_async(self: Any, **fields: Any) -> Any:
+                with metrics.observe("http", endpoint, str(fields.get("model") or "-")) as observation:
+                    try:
+                        return await function(self, **fields)
+                    except ServingError as error:
+                        observation.code = str(error.http_status)
+                        return error_response(error)
+
+            return answer_async
+
+        @functools.wraps(function)
+        def answer(self: Any, **fields: Any) -> Any:
+            with metrics.observe("http", endpoint, str(fields.get("model") or "-")) as observation:
+                try:
+                    return function(self, **fields)
+                except ServingError as error:
+                    observation.code = str(error.http_status)
+                    return error_response(error)
+
+        return answer
+
+    return decorate
+
+
+# Image files up to this size are decoded in the event loop: a 28x28 PNG decodes in about 50 µs,
+# less than handing it to a worker thread costs; larger files (photos) go to a thread.
+INLINE_DECODE_BYTES = 32 * 1024
+
+
+async def _off_loop_if_large(size: int, function, *args):
+    """``function(*args)`` in the event loop for small inputs, else in a worker thread."""
+    if size <= INLINE_DECODE_BYTES:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
+
+
+def _current_core() -> InferenceCore:
+    service = bentoml.get_current_service()
+    if service is None:
+        raise RuntimeError("The cnnkit service is not running.")
+    return service.core
+
+
+@bentoml.asgi_app(build_tf_serving_app(_current_core), path="/v1")
+@bentoml.asgi_app(build_models_app(_current_core), path="/models")
+@bentoml.service(
+    name="cnnkit",
+    workers=1,
+    traffic={"timeout": 60, "max_concurrency": 512},
+    http={"host": SETTINGS.host, "port": SETTINGS.http_port},
+    # One log line per request; access_log=false turns it off (about 0.7 ms less per request here).
+    logging={"access": {"enabled": SETTINGS.access_log}},
+)
+class Classifier:
+    """Image classification, feature maps and model metadata for every model in the repository."""
+
+    # Models from the BentoML store named in the bento_models setting are declared here, so that
+    # `bentoml build` packs them into the Bento; without it the service reads a repository folder.
+    for _index, _tag in enumerate(SETTINGS.bento_models):
+        vars()[f"bento_model_{_index}"] = bentoml.models.BentoModel(_tag)
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings = settings if settings is not None else service_settings()
+        tags = settings.bento_models
+        repository = repository_from_bento_store(tags) if tags else resolve_repository(settings.model_repository)
+        self.store = ModelStore(repository, providers=settings.ort_providers, threads=settings.ort_threads or None,
+                                spin=settings.ort_spin)
+        self.core = InferenceCore.from_settings(self.store, settings)
+        if settings.explain_preload:
+            self.core.explanations.start()
+        self.store.refresh()
+        if not self.store.names():
+            logger.warning("no models in %s: export one with `cnnkit export RUN_DIR`", repository)
+        self.poller = RepositoryPoller(self.store, settings.poll_seconds).start()
+        self.grpc_server = None
+        if settings.grpc_port >= 0:
+            from cnnkit.serving.grpc.server import build_server, mark_serving
+
+            self.grpc_server, bound, health = build_server(
+                self.core, host=settings.host, port=settings.grpc_port, api_key=settings.api_key,
+                max_workers=settings.grpc_threads,
+            )
+            self.grpc_server.start()
+            mark_serving(health)
+            logger.info("gRPC (TF-Serving API) listening on %s:%d", settings.host, bound)
+
+    def __is_ready__(self) -> bool:
+        return self.store.ready and bool(self.store.names())
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.poller.stop()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace=5)
+        self.core.close()
+
+    @bentoml.api(route="/predict", input_spec=input_spec(PredictRequest, image=Path))
+    @route("predict")
+    async def predict(self, **fields: Any) -> JsonObject:
+        """Classify one uploaded image file (multipart): the top-k classes with probabilities."""
+        request = parse(PredictRequest, _given(fields))
+        served = self.core.model(request.model, request.version)
+        # Large files are decoded in a worker thread (Pillow releases the GIL): in the event
+        # loop they would be decoded one concurrent request after the other.
+        data = Path(fields["image"]).read_bytes()
+        pixels = await _off_loop_if_large(len(data), decode_image, data, served.input_shape, self.core.limits)
+        result = await self.core.classify_async(served, pixels[None].astype("float32"), request.top_k)
+        return result.to_dict()
+
+    @bentoml.api(route="/predict_json", input_spec=input_spec(PredictJsonRequest))
+    @route("predict_json")
+    async def predict_json(self, **fields: Any) -> JsonObject:
+        """Classify base64-encoded image files (``images``) or a pixel tensor batch (``instances``)."""
+        request = parse(PredictJsonRequest, _given(fields))
+        served = self.core.model(request.model, request.version)
+        if request.images is not None:
+            check_count(len(request.images), self.core.limits)  # before decoding any base64
+            files = [decode_base64(text) for text in request.images]
+            batch = await _off_loop_if_large(sum(map(len, files)), decode_images, files,
+                                             served.input_shape, self.core.limits)
+        else:
+            batch = tensor_from_json(request.instances, served.input_shape, self.core.limits)
+        return (await self.core.classify_async(served, batch, request.top_k)).to_dict()
+
+    @bentoml.api(route="/feature_maps", input_spec=input_spec(FeatureMapsRequest, image=Path))
+    @route("feature_maps")
+    def feature_maps(self, **fields: Any) -> JsonObject:
+        """Activations of conv/pool layers for one uploaded image: arrays or PNG grids (base64)."""
+        request = parse(FeatureMapsRequest, _given(fields))
+        return self._feature_maps(Path(fields["image"]).read_bytes(), request)
+
+    @bentoml.api(route="/feature_maps_json", input_spec=input_spec(FeatureMapsJsonRequest))
+    @route("feature_maps_json")
+    def feature_maps_json(self, **fields: Any) -> JsonObject:
+        """The same for a base64-encoded image file in a JSON body."""
+        request = parse(FeatureMapsJsonRequest, _given(fields))
+        return self._feature_maps(decode_base64(request.image_b64), request)
+
+    def _feature_maps(self, data: bytes, request: FeatureMapsRequest) -> dict[str, Any]:
+        served = self.core.model(request.model, request.version)
+        pixels = decode_image(data, served.input_shape, self.core.limits).astype("float32")
+        maps = self.core.feature_maps(served, pixels, request.layers)
+        result: dict[str, Any] = {"model": served.name, "version": served.version}
+        if request.output == "png":
+            result["png"] = {name: base64.b64encode(png).decode()
+                             for name, png in self.core.feature_map_pngs(maps).items()}
+        else:
+            result["layers"] = self.core.feature_map_arrays(maps, request.dtype)
+        return result
+
+    @bentoml.api(route="/gradcam", input_spec=input_spec(GradCamRequest, image=Path))
+    @route("gradcam")
+    def gradcam(self, **fields: Any) -> JsonObject:
+        """Grad-CAM of one uploaded image for a class (default: the predicted one): heatmap + overlay PNG."""
+        request = parse(GradCamRequest, _given(fields))
+        return self._gradcam(Path(fields["image"]).read_bytes(), request)
+
+    @bentoml.api(route="/gradcam_json", input_spec=input_spec(GradCamJsonRequest))
+    @route("gradcam_json")
+    def gradcam_json(self, **fields: Any) -> JsonObject:
+        """The same for a base64-encoded image file in a JSON body."""
+        request = parse(GradCamJsonRequest, _given(fields))
+        return self._gradcam(decode_base64(request.image_b64), request)
+
+    def _gradcam(self, data: bytes, request: GradCamRequest) -> dict[str, Any]:
+        served = self.core.model(request.model, request.version)
+        pixels = decode_image(data, served.input_shape, self.core.limits)
+        return self.core.gradcam(served, pixels, request.class_name, request.class_index, request.dtype)
+
+    @bentoml.api(route="/filter_patterns", input_spec=input_spec(FilterPatternsRequest))
+    @route("filter_patterns")
+    def filter_patterns(self, **fields: Any) -> JsonObject:
+        """What each filter of a conv layer responds to (gradient ascent), as a grid PNG; cached per version."""
+        request = parse(FilterPatternsRequest, _given(fields))
+        served = self.core.model(request.model, request.version)
+        return self.core.filter_patterns(served, request.layer, request.filters, request.steps, request.seed,
+                                         request.arrays)
+
+    @bentoml.api(route="/reload")
+    def reload(self) -> JsonObject:
+        """Load versions that appeared in the repository since the last poll (admin)."""
+        loaded = self.store.refresh()
+        return {"loaded": loaded, "models": {name: self.store.versions(name) for name in self.store.names()},
+                "errors": self.store.errors}
+
+
+# Bodies carry at most max_body_bytes of image data, plus room for base64 (4/3) and JSON framing.
+Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
+    BodyLimitMiddleware, limit=SETTINGS.max_body_bytes * 4 // 3 + 64 * 1024
+)
+if SETTINGS.api_key:
+    Classifier.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)  # type: ignore[attr-defined]

@@ -1,0 +1,99 @@
+"""Prometheus metrics shared by the HTTP and gRPC front ends (exposed on BentoML's /metrics).
+
+Plain prometheus_client metrics, as BentoML recommends: its /metrics route serves the process's
+registry (in multi-process mode too), so these appear there beside BentoML's own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import prometheus_client
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+REQUEST_LABELS = ["model", "version", "protocol", "endpoint"]
+
+requests_total = prometheus_client.Counter(
+    name="cnnkit_requests_total",
+    documentation="Requests answered, by model, version, protocol and endpoint.",
+    labelnames=REQUEST_LABELS,
+)
+errors_total = prometheus_client.Counter(
+    name="cnnkit_request_errors_total",
+    documentation="Requests refused or failed, by model, version, protocol, endpoint and status code.",
+    labelnames=[*REQUEST_LABELS, "code"],
+)
+latency_seconds = prometheus_client.Histogram(
+    name="cnnkit_request_seconds",
+    documentation="Time to answer a request, by model, version, protocol and endpoint.",
+    labelnames=REQUEST_LABELS,
+    buckets=LATENCY_BUCKETS,
+)
+batch_size = prometheus_client.Histogram(
+    name="cnnkit_inference_batch_size",
+    documentation="Images per ONNX Runtime call (adaptive batching merges HTTP requests).",
+    labelnames=["model"],
+    buckets=BATCH_BUCKETS,
+)
+images_total = prometheus_client.Counter(
+    name="cnnkit_images_total",
+    documentation="Images classified, by model.",
+    labelnames=["model"],
+)
+
+
+@dataclass
+class Observation:
+    """The labels of one request: the model and version become known once the request names them."""
+
+    model: str = "-"
+    version: str = "-"
+    code: str | None = None
+
+    def served(self, name: str, version: int) -> None:
+        self.model, self.version = name, str(version)
+
+
+_CURRENT: ContextVar[Observation | None] = ContextVar("cnnkit_observation", default=None)
+
+
+def served(name: str, version: int) -> None:
+    """Label the request being observed (if any) with the model version that answers it."""
+    observation = _CURRENT.get()
+    if observation is not None:
+        observation.served(name, version)
+
+
+@contextmanager
+def observe(protocol: str, endpoint: str, model: str = "-") -> Iterator[Observation]:
+    """Count a request and its latency; count it as an error (with its code) if it raises, or if
+    the handler sets ``code`` (a refusal answered without raising). Call ``served(name, version)``
+    on the yielded record once the model version is resolved."""
+    started = time.perf_counter()
+    observation = Observation(model=model)
+    token = _CURRENT.set(observation)
+    try:
+        yield observation
+    except Exception as error:
+        observation.code = str(getattr(error, "http_status", 500) if protocol == "http"
+                               else getattr(error, "grpc_code", "INTERNAL"))
+        raise
+    finally:
+        _CURRENT.reset(token)
+        labels = {"model": observation.model, "version": observation.version, "protocol": protocol,
+                  "endpoint": endpoint}
+        if observation.code is not None:
+            errors_total.labels(**labels, code=observation.code).inc()
+        requests_total.labels(**labels).inc()
+        latency_seconds.labels(**labels).observe(time.perf_counter() - started)
+
+
+def record_batch(model: str, size: int) -> None:
+    batch_size.labels(model=model).observe(size)
+    images_total.labels(model=model).inc(size)

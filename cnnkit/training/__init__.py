@@ -1,0 +1,1 @@
+"""The training toolkit: recipes, data sets, the model zoo, training runs, evaluation and export."""

@@ -1,0 +1,221 @@
+"""Evaluating a finished run on its test set, and the report pictures that go with it.
+
+``evaluate_run(RUN_DIR)`` writes into ``RUN_DIR/evaluation/``::
+
+    metrics.json        test loss and accuracy, per-class precision / recall / F1 / support,
+                        the confusion matrix, and the course's figure for comparison
+    confusion_matrix.png
+    curves.png          loss and accuracy per epoch, training vs validation
+    misclassified.png   a grid of misclassified test images, true and predicted labels
+    report.md           the same figures as a short Markdown page
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnkit.io import atomic_save, atomic_write_json, atomic_write_text
+from cnnkit.pictures import labelled_image_grid
+from cnnkit.training.rundir import RunDir, load_run_model
+
+
+def predict_probabilities(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (N, classes); a single sigmoid output becomes two columns."""
+    from cnnkit.training import data as data_module
+
+    pipeline = data_module.make_pipeline(images, np.zeros(len(images), np.int64), batch_size)
+    outputs = model.predict(pipeline.map(lambda x, _: x), verbose=0)
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.shape[-1] == 1:
+        outputs = np.concatenate([1.0 - outputs, outputs], axis=-1)
+    return outputs
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
+    return matrix
+
+
+def per_class_metrics(matrix: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows: true)."""
+    rows = []
+    for index, name in enumerate(class_names):
+        true_positive = float(matrix[index, index])
+        predicted = float(matrix[:, index].sum())
+        actual = float(matrix[index, :].sum())
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({
+            "class": name, "precision": round(precision, 4), "recall": round(recall, 4),
+            "f1": round(f1, 4), "support": int(actual),
+        })
+    return rows
+
+
+def cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    chosen = probabilities[np.arange(len(labels)), labels.astype(np.int64)]
+    return float(-np.mean(np.log(np.clip(chosen, 1e-7, 1.0))))
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    if not path.exists():
+        return {}
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    history: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key is None or value in (None, ""):
+                continue
+            history.setdefault(key, []).append(float(value))
+    return history
+
+
+def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [int(epoch) + 1 for epoch in history.get("epoch", [])]
+    for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix, label in (("", "training"), ("val_", "validation")):
+            values = history.get(prefix + metric)
+            if values:
+                axis.plot(epochs[: len(values)] or range(1, len(values) + 1), values, marker="o",
+                          markersize=3, label=label)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.set_title(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    atomic_save(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+    plt.close(figure)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(5.0, 0.6 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    ticks = range(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for row in range(matrix.shape[0]):
+        for column in range(matrix.shape[1]):
+            axis.text(column, row, str(matrix[row, column]), ha="center", va="center", fontsize=8,
+                      color="white" if matrix[row, column] > threshold else "black")
+    axis.set_title(title)
+    figure.tight_layout()
+    atomic_save(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+    plt.close(figure)
+
+
+def _markdown_report(metrics: dict[str, Any]) -> str:
+    lines = [
+        f"# {metrics['recipe']} — evaluation",
+        "",
+        f"- data set: {metrics['dataset']} ({metrics['test_images']} test images)",
+        f"- test accuracy: **{metrics['test_accuracy'] * 100:.2f}%**, test loss {metrics['test_loss']:.4f}",
+    ]
+    if metrics.get("course_accuracy") is not None:
+        lines.append(f"- the course reached: {metrics['course_accuracy'] * 100:.1f}%")
+    lines += [
+        f"- epochs trained: {metrics.get('epochs_trained')}, training time: "
+        f"{metrics.get('train_seconds')} s",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in metrics["per_class"]:
+        lines.append(f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | "
+                     f"{row['f1']:.4f} | {row['support']} |")
+    lines += ["", "![curves](curves.png)", "", "![confusion matrix](confusion_matrix.png)", "",
+              "![misclassified](misclassified.png)", ""]
+    return "\n".join(lines)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    dataset=None,
+    model=None,
+    max_misclassified: int = 32,
+) -> dict[str, Any]:
+    """Evaluate the run's final model on its test set and write the evaluation artefacts."""
+    from cnnkit.training.data import load_recipe_dataset
+
+    run = RunDir(run_dir).require_run()
+    config = run.load_config()
+    if model is None:
+        model = load_run_model(run.require_model())
+    if dataset is None:
+        dataset = load_recipe_dataset(config, data_dir)
+    probabilities = predict_probabilities(model, dataset.x_test)
+    predictions = probabilities.argmax(axis=1)
+    labels = dataset.y_test
+    matrix = confusion_matrix(labels, predictions, dataset.num_classes)
+    state = run.read_state()
+    metrics: dict[str, Any] = {
+        "recipe": config.name,
+        "model": config.model,
+        "dataset": config.dataset,
+        "class_names": dataset.class_names,
+        "test_images": int(len(labels)),
+        "test_accuracy": round(float((predictions == labels).mean()), 6),
+        "test_loss": round(cross_entropy(probabilities, labels), 6),
+        "course_accuracy": config.course_accuracy,
+        "epochs_trained": state.get("epoch"),
+        "best_epoch": state.get("best_epoch"),
+        "stopped_early_at": state.get("stopped_early_at"),
+        "train_seconds": state.get("train_seconds"),
+        "parameters": int(model.count_params()),
+        "per_class": per_class_metrics(matrix, dataset.class_names),
+        "confusion_matrix": matrix.tolist(),
+    }
+    output = run.evaluation
+    output.mkdir(exist_ok=True)
+    title = f"{config.name}: test accuracy {metrics['test_accuracy'] * 100:.2f}%"
+    plot_confusion_matrix(matrix, dataset.class_names, output / "confusion_matrix.png", title)
+    history = read_history(run.history)
+    if history:
+        plot_curves(history, output / "curves.png", config.name)
+    wrong = np.flatnonzero(predictions != labels)[:max_misclassified]
+    captions = [
+        f"true {dataset.class_names[labels[i]]}\npred {dataset.class_names[predictions[i]]} "
+        f"{probabilities[i, predictions[i]]:.2f}"
+        for i in wrong
+    ]
+    grid = labelled_image_grid(dataset.x_test[wrong], captions)
+    atomic_save(output / "misclassified.png", lambda temporary: grid.save(temporary, format="PNG"))
+    atomic_write_json(run.metrics, metrics)
+    atomic_write_text(output / "report.md", _markdown_report(metrics))
+    accuracy = metrics["test_accuracy"]
+    print(
+        f"[cnnkit] {config.name}: test accuracy {accuracy * 100:.2f}%  test loss "
+        f"{metrics['test_loss']:.4f}  ({output})",
+        file=sys.stderr,
+    )
+    if not math.isfinite(metrics["test_loss"]):
+        print("[cnnkit] warning: the test loss is not finite", file=sys.stderr)
+    return metrics
