@@ -262,14 +262,21 @@ def open_version(repository: str | os.PathLike | None, name: str, version: int |
     return ModelVersion(name=name, version=chosen, path=version_dir, metadata=metadata)
 
 
-def models_config_text(repository: Path) -> str:
-    """TF-Serving's model config (text protobuf) listing every model of the repository."""
+def models_config_text(repository: Path, base_path: str | None = None) -> str:
+    """TF-Serving's model config (text protobuf) listing every model of the repository.
+
+    Each model's ``base_path`` is ``BASE_PATH/NAME`` where the repository will be mounted (e.g.
+    ``/models`` in a container), else the bare ``NAME``, relative to the repository's root (TF
+    Serving resolves it against its working directory: start it in the repository), so the
+    repository can be moved or mounted anywhere.
+    """
     lines = ["model_config_list {"]
     for name in scan_repository(repository):
+        path = f"{base_path.rstrip('/')}/{name}" if base_path else name
         lines += [
             "  config {",
             f"    name: '{name}'",
-            f"    base_path: '{(repository / name).resolve()}'",
+            f"    base_path: '{path}'",
             "    model_platform: 'tensorflow'",
             "  }",
         ]

@@ -40,7 +40,7 @@ import numpy as np
 
 from cnnkit.errors import ExplainError, ExportError
 from cnnkit.explain import GRADCAM_SIGNATURE, GradCamGraph
-from cnnkit.io import atomic_write_text
+from cnnkit.io import atomic_write_text, make_readable
 from cnnkit.repository import (
     EXTRA_DIR,
     METADATA_FILE,
@@ -311,8 +311,12 @@ def export_run(
     data_dir: str | Path | None = None,
     parity_images: int = PARITY_IMAGES,
     check_accuracy: bool = True,
+    base_path: str | None = None,
 ) -> ModelVersion:
-    """Export a finished run into the repository as the next version of ``name``; return it."""
+    """Export a finished run into the repository as the next version of ``name``; return it.
+
+    ``base_path``: where TF Serving will see the repository (``models.config``'s paths start
+    with it); by default they are relative to the repository's root."""
     from cnnkit.training.data import load_recipe_dataset
     from cnnkit.training.models import float32_copy
     from cnnkit.training.rundir import MODEL_FILE, RunDir, load_run_model
@@ -420,13 +424,13 @@ def export_run(
             "exported": datetime.now().isoformat(timespec="seconds"),
             "files": {},
         }
-        return _publish(staging, version_dir, root, name, metadata, started)
+        return _publish(staging, version_dir, root, name, metadata, started, base_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _publish(staging: Path, version_dir: Path, root: Path, name: str, metadata: dict[str, Any],
-             started: float) -> ModelVersion:
+             started: float, base_path: str | None = None) -> ModelVersion:
     """Hash, fsync and rename the staged version into place as the next free version number."""
     metadata["files"] = {relative: sha256_file(version_dir / relative)
                          for relative in artefact_files(version_dir)}
@@ -436,6 +440,7 @@ def _publish(staging: Path, version_dir: Path, root: Path, name: str, metadata: 
         version = (max(list_versions(model_dir), default=0)) + 1
         metadata["version"] = version
         (version_dir / EXTRA_DIR / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        make_readable(version_dir)  # 0644 files, 0755 folders: other users and TF Serving read them
         _fsync_tree(version_dir)
         target = model_dir / str(version)
         if target.exists():
@@ -451,7 +456,7 @@ def _publish(staging: Path, version_dir: Path, root: Path, name: str, metadata: 
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        atomic_write_text(root / MODELS_CONFIG, models_config_text(root))
+        atomic_write_text(root / MODELS_CONFIG, models_config_text(root, base_path))
         _log(f"{name} version {version} written to {target} in {time.perf_counter() - started:.1f}s "
              f"(max |difference| {metadata['verification']['parity']['max_difference']:.2g})")
         return ModelVersion(name=name, version=version, path=target, metadata=metadata)

@@ -57,7 +57,12 @@ def test_layout_is_tf_serving_with_extras_beside_it(exported):
                      "assets.extra/metadata.json"):
         assert (version_dir / relative).is_file(), relative
     config = (version_dir.parents[1] / "models.config").read_text()
-    assert "name: 'tiny_digits'" in config and f"base_path: '{version_dir.parent.resolve()}'" in config
+    assert "name: 'tiny_digits'" in config and "base_path: 'tiny_digits'" in config  # movable
+    # Readable by other users (a container's user, a stock TF Serving), not the 0600 of temporary files.
+    for path in [version_dir.parents[1] / "models.config", version_dir, *version_dir.rglob("*")]:
+        assert path.stat().st_mode & 0o044 == 0o044, path
+        if path.is_dir():
+            assert path.stat().st_mode & 0o055 == 0o055, path
     # Nothing but the repository itself is left beside it (the staging folder is gone).
     assert [entry.name for entry in version_dir.parents[2].iterdir()] == ["model_repository"]
 
