@@ -4,11 +4,14 @@ Walks DIR recursively, sends the images in batches with at most ``--concurrency`
 flight, and appends one row per image to a CSV or JSON-lines file: the path (relative to DIR), the
 top-k labels and probabilities, the model version, or the error. A progress bar shows rate and ETA.
 
-Resuming: a rerun reads the output first and skips every image it already holds (a result, or an
-error the image itself caused, such as a corrupt file). Rows are only ever appended, each with one
-write, so an interrupted run leaves whole rows; a torn last line (power cut) is cut off and that
-image scored again. When the service is unreachable the run stops: nothing is recorded for the
-images it could not try, so the rerun continues with them.
+Resuming: a rerun reads the output first and skips every image it already holds for the same model
+and version (a result, or an error the image itself caused, such as a corrupt file); the version is
+resolved once at the start (the latest, unless ``--version`` pins one) and every request pins it, so
+one output never mixes versions, and scoring with another model or version scores everything
+again. An unknown model stops the run before anything is scored, naming the models that exist.
+Rows are only ever appended, each with one write, so an interrupted run leaves whole rows; a torn
+last line (power cut) is cut off and that image scored again. When the service is unreachable the
+run stops: nothing is recorded for the images it could not try, so the rerun continues with them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ PERMANENT_ERRORS = (InvalidInputError,)
 class Predictor(Protocol):
     def predict(self, images: Any, *, model: str, version: int | None = None, top_k: int = 5,
                 timeout: float | None = None) -> Any: ...
+
+    def metadata(self, model: str, *, version: int | None = None) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -83,8 +88,9 @@ class ResultsFile:
         self.is_csv = suffix == ".csv"
         self._fd: int | None = None
 
-    def done(self) -> set[str]:
-        """Paths already scored (results and permanent errors); repairs a torn last line first."""
+    def done(self, model: str, version: int | None) -> set[str]:
+        """Paths already scored with ``model`` at ``version`` (any version when None: a predictor that
+        cannot say which it serves), results and permanent errors; repairs a torn last line first."""
         if not self.path.exists() or self.path.stat().st_size == 0:
             return set()
         data = self.path.read_bytes()
@@ -106,7 +112,8 @@ class ResultsFile:
             rows = (json.loads(line) for line in text.splitlines() if line.strip())
         for row in rows:
             retry = row.get("retry") or str(row.get("error") or "").startswith("[retry] ")
-            if not retry:
+            same = row.get("model") == model and (version is None or str(row.get("version") or "") == str(version))
+            if same and not retry:
                 done.add(row["path"])
         return done
 
@@ -182,42 +189,57 @@ class Summary:
         return "\n".join(lines)
 
 
-def _score_batch(predictor: Predictor, root: Path, paths: list[Path], model: str, top_k: int) -> list[Row]:
+def _score_batch(predictor: Predictor, root: Path, paths: list[Path], model: str, version: int | None,
+                 top_k: int) -> list[Row]:
     """Rows for one batch; when the batch is refused (one bad file), each image is scored alone."""
     names = [path.relative_to(root).as_posix() for path in paths]
     try:
-        predictions = predictor.predict(paths, model=model, top_k=top_k)
+        predictions = predictor.predict(paths, model=model, version=version, top_k=top_k)
         return [Row.of(name, prediction) for name, prediction in zip(names, predictions, strict=True)]
     except (ConnectError, NotFoundError):
         raise  # the service or the model is missing: not a per-file problem
     except CnnkitError as error:
         if len(paths) == 1:
-            return [_error_row(names[0], model, error)]
+            return [_error_row(names[0], model, version, error)]
     rows = []
     for path, name in zip(paths, names, strict=True):
         try:
-            rows.append(Row.of(name, predictor.predict(path, model=model, top_k=top_k)))
+            rows.append(Row.of(name, predictor.predict(path, model=model, version=version, top_k=top_k)))
         except (ConnectError, NotFoundError):
             raise
         except CnnkitError as error:
-            rows.append(_error_row(name, model, error))
+            rows.append(_error_row(name, model, version, error))
     return rows
 
 
-def _error_row(name: str, model: str, error: CnnkitError) -> Row:
-    return Row(name, model=model, error=error.message, transient=not isinstance(error, PERMANENT_ERRORS))
+def _error_row(name: str, model: str, version: int | None, error: CnnkitError) -> Row:
+    return Row(name, model=model, version=version, error=error.message,
+               transient=not isinstance(error, PERMANENT_ERRORS))
 
 
-def score_folder(predictor: Predictor, root: Path, out: Path, *, model: str, top_k: int = 5,
-                 concurrency: int = 8, batch_size: int = 16, progress: bool = True,
+def resolve_version(predictor: Predictor, model: str, version: int | None = None) -> int | None:
+    """The version that will score: the pinned one, else the latest the predictor serves (None for a
+    predictor that cannot describe its models). NotFoundError names the models that exist."""
+    describe = getattr(predictor, "metadata", None)
+    if describe is None:
+        return version
+    return int(describe(model, version=version).version)
+
+
+def score_folder(predictor: Predictor, root: Path, out: Path, *, model: str, version: int | None = None,
+                 top_k: int = 5, concurrency: int = 8, batch_size: int = 16, progress: bool = True,
                  on_row: Callable[[Row], None] | None = None) -> Summary:
     """Score every image under ``root`` into ``out``; see the module docstring."""
     if concurrency < 1 or batch_size < 1 or top_k < 1:
         raise InvalidInputError("--concurrency, --batch-size and --top-k must be at least 1.")
     root = Path(root)
     results = ResultsFile(Path(out))
-    done = results.done()
     images = find_images(root)
+    try:
+        version = resolve_version(predictor, model, version)
+    except ConnectError as error:
+        return Summary(stopped=error.message)
+    done = results.done(model, version)
     todo = [path for path in images if path.relative_to(root).as_posix() not in done]
     summary = Summary(skipped=len(images) - len(todo))
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
@@ -233,7 +255,7 @@ def score_folder(predictor: Predictor, root: Path, out: Path, *, model: str, top
                     batch = next(queue, None)
                     if batch is None:
                         break
-                    pending.add(pool.submit(_score_batch, predictor, root, batch, model, top_k))
+                    pending.add(pool.submit(_score_batch, predictor, root, batch, model, version, top_k))
                 if not pending:
                     break
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -279,7 +301,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, local: bool = False) -> No
     if local:
         where.add_argument("--local", metavar="REPOSITORY",
                            help="score in-process with ONNX Runtime from a model repository")
-    parser.add_argument("--out", type=Path, default=Path("scores.csv"), help="results .csv or .jsonl (appended)")
+    parser.add_argument("--version", type=int, help="model version (default: the latest, resolved once at the start)")
+    parser.add_argument("--out", type=Path, default=Path("scores.csv"),
+                        help="results .csv or .jsonl, appended (default scores.csv)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
@@ -308,7 +332,8 @@ def run(args: argparse.Namespace, local_predictor: LocalPredictor | None = None)
     try:
         predictor = make_predictor(args, local_predictor)
         try:
-            summary = score_folder(predictor, args.folder, args.out, model=args.model, top_k=args.top_k,
+            summary = score_folder(predictor, args.folder, args.out, model=args.model, version=args.version,
+                                   top_k=args.top_k,
                                    concurrency=args.concurrency, batch_size=args.batch_size,
                                    progress=not args.no_progress)
         finally:

@@ -101,3 +101,58 @@ def test_options_and_output_names_are_checked(folder, tmp_path):
         score_folder(FakePredictor(), folder, tmp_path / "out.csv", model="m", concurrency=0, progress=False)
     with pytest.raises(InvalidInputError, match=".csv or .jsonl"):
         score_folder(FakePredictor(), folder, tmp_path / "out.txt", model="m", progress=False)
+
+
+class DescribedPredictor(FakePredictor):
+    """A predictor that serves ``models`` (name -> latest version) and answers at the pinned version."""
+
+    def __init__(self, models: dict[str, int]):
+        super().__init__()
+        self.models = models
+        self.pinned: set[int | None] = set()
+
+    def metadata(self, model, *, version=None):
+        from types import SimpleNamespace
+
+        from cnnkit_client.errors import NotFoundError
+
+        if model not in self.models:
+            raise NotFoundError(f"Servable not found for request: Latest({model}); models: "
+                                f"{', '.join(sorted(self.models))}.", status=404)
+        return SimpleNamespace(version=version or self.models[model])
+
+    def predict(self, images, *, model, version=None, top_k=5, timeout=None):
+        self.pinned.add(version)
+        answer = super().predict(images, model=model, version=version, top_k=top_k, timeout=timeout)
+        rows = answer if isinstance(answer, list) else [answer]
+        for row in rows:
+            object.__setattr__(row, "version", version)
+        return answer
+
+
+def test_resuming_is_keyed_on_path_model_and_version(folder, tmp_path):
+    out = tmp_path / "scores.csv"
+    served = DescribedPredictor({"digits": 1, "letters": 4})
+    first = score_folder(served, folder, out, model="digits", progress=False)
+    assert (first.scored, first.skipped) == (20, 0) and served.pinned == {1}  # resolved once, then pinned
+    again = score_folder(served, folder, out, model="digits", progress=False)
+    assert (again.scored, again.skipped) == (0, 20)
+    other_model = score_folder(served, folder, out, model="letters", progress=False)
+    assert (other_model.scored, other_model.skipped) == (20, 0)  # not skipped because the paths match
+    served.models["digits"] = 2  # a new version appeared: the output holds only version 1's rows
+    newer = score_folder(served, folder, out, model="digits", progress=False)
+    assert (newer.scored, newer.skipped) == (20, 0)
+    pinned_old = score_folder(served, folder, out, model="digits", version=1, progress=False)
+    assert (pinned_old.scored, pinned_old.skipped) == (0, 20)
+    with open(out, newline="") as handle:
+        keys = [(row["path"], row["model"], row["version"]) for row in csv.DictReader(handle)]
+    assert len(keys) == len(set(keys)) == 60
+
+
+def test_an_unknown_model_fails_before_anything_is_scored(folder, tmp_path):
+    from cnnkit_client.errors import NotFoundError
+
+    out = tmp_path / "scores.csv"
+    with pytest.raises(NotFoundError, match="models: digits"):
+        score_folder(DescribedPredictor({"digits": 1}), folder, out, model="digitz", progress=False)
+    assert not out.exists()

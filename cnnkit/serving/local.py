@@ -16,7 +16,7 @@ from cnnkit.serving.inputs import top_k as top_k_rows
 from cnnkit.serving.model_store import ModelStore
 from cnnkit_client.errors import from_http_status
 from cnnkit_client.images import ImageLike, encode_images
-from cnnkit_client.types import Prediction, predictions_from_rows
+from cnnkit_client.types import ModelInfo, Prediction, predictions_from_rows
 
 
 class LocalClient:
@@ -36,6 +36,19 @@ class LocalClient:
 
     def close(self) -> None:
         """Nothing to release: the sessions go with the object."""
+
+    def metadata(self, model: str, *, version: int | None = None) -> ModelInfo:
+        """What the service's ``GET /models/NAME`` would say of the version (classes, input, layers)."""
+        try:
+            served = self.store.get(model, version)
+        except ServingError as error:
+            raise from_http_status(error.http_status, error.message) from error
+        return ModelInfo.from_dict({
+            "name": served.name, "version": served.version, "versions": self.store.versions(served.name),
+            "class_names": served.class_names, "input": served.metadata["input"],
+            "feature_layers": served.feature_layers, "default_layers": served.conv_layer_names,
+            "providers": served.providers,
+        })
 
     def predict(self, images: ImageLike | Sequence[ImageLike], *, model: str, version: int | None = None,
                 top_k: int = 5, timeout: float | None = None) -> Any:

@@ -333,15 +333,16 @@ def test_scoring_stops_when_the_service_is_unreachable_and_records_nothing(image
     status = score_main([str(image_folder), "--model", "digits", "--url", f"http://127.0.0.1:{free_port()}",
                          "--out", str(out), "--no-progress"])
     assert status == 1
-    assert read_csv(out) == {}
+    assert not out.exists()  # stopped before anything was scored or written
     assert "stopped early: Cannot reach" in capsys.readouterr().out
 
 
 def test_scoring_refuses_an_unknown_model_and_a_foreign_output(service, image_folder, tmp_path, capsys):
     out = tmp_path / "scores.csv"
     assert score_main([str(image_folder), "--model", "nope", "--url", service.url, "--out", str(out),
-                       "--no-progress"]) == 1
-    assert "Servable not found" in capsys.readouterr().out and read_csv(out) == {}
+                       "--no-progress"]) == 2  # at once, before any image
+    assert "Servable not found for request: Latest(nope); models: digits" in capsys.readouterr().err
+    assert not out.exists()
     foreign = tmp_path / "foreign.csv"
     foreign.write_text("name,score\nx,1\n")
     assert score_main([str(image_folder), "--model", "digits", "--url", service.url, "--out", str(foreign),
