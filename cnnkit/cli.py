@@ -26,10 +26,6 @@ import sys
 from cnnkit.errors import UserError
 
 
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -48,9 +44,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from cnnkit.training.models import list_models
+    from cnnkit.training.zoo import describe_zoo
 
-    print("\n".join(list_models()))
+    zoo = describe_zoo()
+    width = max(len(name) for name, _ in zoo)
+    for name, description in zoo:
+        print(f"{name:{width}s}  {description}")
     return 0
 
 
@@ -141,7 +140,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cnnkit.training.export import export_run
 
     exported = export_run(args.run_dir, name=args.name, repository=args.repository,
-                          data_dir=args.data_dir)
+                          data_dir=args.data_dir, base_path=args.base_path)
     if args.bentoml:
         from cnnkit.bento import import_to_bentoml
 
@@ -203,7 +202,12 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cnnkit import __version__
+
     parser = argparse.ArgumentParser(prog="cnnkit", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's own log lines (hidden by default)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("recipes", help="list the training recipes").set_defaults(func=cmd_recipes)
@@ -211,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a recipe (or resume a run)")
     train.add_argument("recipe", nargs="?", help="recipe name or YAML file")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--epochs", type=int, help="epochs to train (default: the recipe's)")
+    train.add_argument("--batch-size", type=int, help="images per training step (default: the recipe's)")
+    train.add_argument("--learning-rate", type=float, help="initial learning rate (default: the recipe's)")
     train.add_argument("--train-limit", type=int, help="train on a fixed-seed subset of N images")
     train.add_argument("--test-limit", type=int, help="evaluate on a fixed-seed subset of N images")
     train.add_argument("--weights", help="VGG16 base weights: imagenet, none, or a local .h5 file")
@@ -226,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a finished run on its test set")
-    evaluate.add_argument("run_dir")
+    evaluate.add_argument("run_dir", help="a finished run directory")
     _add_data_dir(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -254,15 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     patterns.add_argument("--layer", default=None, help="convolution layer (default: the last one)")
     patterns.add_argument("--filters", default=None, help="the first N filters (default 64), or a list: 0,3,7 or 0-7")
     patterns.add_argument("--steps", type=int, default=40, help="gradient-ascent steps (default 40)")
-    patterns.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+    patterns.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
     patterns.add_argument("--out", default=None, help="grid PNG to write (default ./MODEL_LAYER_patterns.png)")
     patterns.set_defaults(func=cmd_filter_patterns)
 
     export = commands.add_parser("export", help="export a run as SavedModel + ONNX, verified")
-    export.add_argument("run_dir")
+    export.add_argument("run_dir", help="a finished and evaluated run directory")
     export.add_argument("--name", help="model name in the repository (default: the recipe name)")
     export.add_argument("--repository", help="model repository (default: $CNNKIT_MODEL_REPOSITORY, "
                         "else ./model_repository)")
+    export.add_argument("--base-path", metavar="PATH",
+                        help="where TF Serving sees the repository, e.g. /models (default: models.config's "
+                        "paths are relative to the repository's root)")
     export.add_argument("--bentoml", action="store_true",
                         help="also import the new version into the BentoML model store")
     _add_data_dir(export)
@@ -293,14 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.set_defaults(func=loadtest_runner.run)
 
     results = commands.add_parser("results", help="a Markdown table of the runs in a folder")
-    results.add_argument("runs_root", nargs="?", default="runs")
+    results.add_argument("runs_root", nargs="?", default="runs", help="folder of run directories (default runs)")
     results.set_defaults(func=cmd_results)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_tensorflow()
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        from cnnkit.tensorflow_logs import quiet_tensorflow
+
+        quiet_tensorflow()
     try:
         return int(args.func(args) or 0)
     except UserError as error:

@@ -267,7 +267,7 @@ def run_loadtest(*, url: str, grpc_target: str | None, model: str, levels: list[
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="digits")
+    parser.add_argument("--model", default="digits", help="model to load-test (default digits)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--url", help="a running service (default http://127.0.0.1:3000)")
     target.add_argument("--start", action="store_true", help="start the service (cnnkit serve) for the test")

@@ -38,6 +38,7 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+
 def create_model(name: str, **overrides) -> keras.Model:
     """Build a registered model; ``overrides`` go to its builder (input_shape, num_classes...)."""
     if name not in _REGISTRY:

@@ -187,18 +187,42 @@ class RunCheckpoint(keras.callbacks.Callback):
 
 
 class EpochProgress(keras.callbacks.Callback):
-    """One line per epoch with its time and the estimated time left for the whole run."""
+    """The one progress display of a run (Keras's own is off).
 
-    def __init__(self, total_epochs: int, stream=None):
+    In a terminal, a bar over the epoch's steps with the running loss, replaced at the end of the
+    epoch by one line: epoch, time, estimated time left for the whole run, and the metrics. Piped
+    or logged, only that line, so a log holds one line per epoch.
+    """
+
+    def __init__(self, total_epochs: int, stream=None, bar: bool | None = None):
         super().__init__()
         self.total_epochs = total_epochs
         self.stream = stream or sys.stderr
+        self.show_bar = bar if bar is not None else bool(getattr(self.stream, "isatty", lambda: False)())
         self.durations: list[float] = []
+        self._bar: Any = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
+        if self.show_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=(self.params or {}).get("steps"), desc=f"epoch {epoch + 1}/{self.total_epochs}",
+                             unit="step", file=self.stream, leave=False, dynamic_ncols=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._bar is not None:
+            # With steps_per_execution, Keras calls this once per execution with the last step's index.
+            self._bar.n = batch + 1
+            loss = (logs or {}).get("loss")
+            if isinstance(loss, float | int):
+                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self._bar.refresh()
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         self.durations.append(time.perf_counter() - self.started)
         mean = sum(self.durations) / len(self.durations)
         left = (self.total_epochs - epoch - 1) * mean
@@ -334,13 +358,12 @@ def train(
     state.setdefault("started", _now())
     state.pop("finished", None)
     checkpoint = RunCheckpoint(run, config.monitor, config.early_stopping_patience, state)
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
     callbacks = [
         checkpoint,
         keras.callbacks.CSVLogger(str(run.history), append=True),
         keras.callbacks.TensorBoard(str(run.tensorboard), profile_batch=0),
-        EpochProgress(config.total_epochs),
+        # The run's one progress display; verbose=0 trains silently.
+        *([EpochProgress(config.total_epochs)] if verbose != 0 else []),
         *(extra_callbacks or []),
     ]
 
@@ -370,7 +393,7 @@ def train(
             epochs=phase_end,
             initial_epoch=start_epoch,
             callbacks=callbacks,
-            verbose=verbose,
+            verbose=0,  # EpochProgress is the one display
             shuffle=False,  # The pipeline shuffles itself, every epoch.
         )
         start_epoch = int(checkpoint.state.get("epoch", start_epoch))

@@ -139,3 +139,11 @@ def test_float32_copy_of_a_mixed_precision_model_has_float32_layers_and_the_same
         np.testing.assert_array_equal(ours, theirs)
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(copy.predict(images, verbose=0), mixed.predict(images, verbose=0), atol=1e-2)
+
+
+def test_the_zoo_listing_names_what_the_registry_builds():
+    from cnnkit.training.zoo import describe_zoo
+
+    listed = [name for name, _description in describe_zoo()]
+    assert "lenet5" in listed and all(description for _name, description in describe_zoo())
+    assert listed == list_models()  # the source listing and the registry agree
