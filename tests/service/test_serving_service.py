@@ -80,8 +80,13 @@ def test_the_asgi_app_in_process(service_environment):
         assert "Malformed base64" in refused.json()["error"]
         assert client.get("/models/digits").json()["class_names"][0] == "0"
         assert client.get("/models/nope").status_code == 404
-        # The OpenAPI document shows the shared request models as the routes' bodies.
-        paths = client.get("/docs.json").json()["paths"]
+        # The OpenAPI document is cnnkit's, and shows the shared request models as the routes' bodies.
+        document = client.get("/docs.json").json()
+        from cnnkit import __version__
+
+        assert document["info"]["title"] == "cnnkit" and document["info"]["version"] == __version__
+        assert "BentoML" not in str(document["info"]) and "Grad-CAM" in document["info"]["description"]
+        paths = document["paths"]
         patterns = paths["/filter_patterns"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert patterns["properties"]["seed"]["description"] == "Seed of the starting noise."
         assert patterns["required"] == ["model"]

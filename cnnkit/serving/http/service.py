@@ -302,6 +302,26 @@ class Classifier:
                 "errors": self.store.errors}
 
 
+class _DocumentedService(type(Classifier)):  # type: ignore[misc]
+    """BentoML's service object, with cnnkit's name, version and description in the OpenAPI document
+    (BentoML fills in "None" as the version and its own team as the contact)."""
+
+    __slots__ = ()
+
+    @property
+    def openapi_spec(self) -> Any:
+        import attrs
+        from bentoml._internal.service.openapi.specification import Info
+
+        from cnnkit import __version__
+
+        return attrs.evolve(super().openapi_spec, info=Info(title="cnnkit", version=__version__, description=(
+            "Image-classification CNNs served over HTTP and TF Serving's gRPC API: predictions, feature "
+            "maps, Grad-CAM heatmaps and filter patterns, model metadata, health and metrics.")))
+
+
+Classifier.__class__ = _DocumentedService  # type: ignore[method-assign]
+
 # Bodies carry at most max_body_bytes of image data, plus room for base64 (4/3) and JSON framing.
 Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
     BodyLimitMiddleware, limit=SETTINGS.max_body_bytes * 4 // 3 + 64 * 1024
