@@ -160,10 +160,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cnnkit.settings import SETTINGS_FILE_ENV, load_settings, write_settings_file
 
     settings = load_settings(args.config, model_repository=args.repository, host=args.host,
-                             http_port=args.http_port, grpc_port=args.grpc_port)
+                             http_port=args.http_port, grpc_port=args.grpc_port, log_level=args.log_level,
+                             log_format=args.log_format)
     repository = resolve_repository(settings.model_repository).resolve()
     if not settings.bento_models and not scan_repository(repository):
         raise UserError(f"No exported models in {repository}: run `cnnkit export RUN_DIR` first.")
+    _require_free_port(settings.host, settings.http_port, "HTTP", "--http-port")
+    if settings.grpc_port > 0:
+        _require_free_port(settings.host, settings.grpc_port, "gRPC", "--grpc-port")
     settings = settings.model_copy(update={"model_repository": repository})
     # The service's processes read the resolved settings from this file, once.
     os.environ[SETTINGS_FILE_ENV] = str(write_settings_file(settings, tempfile.mkdtemp(prefix="cnnkit-serve-")))
@@ -179,6 +183,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     os.execv(bentoml, command)
     return 0  # not reached
+
+
+def _require_free_port(host: str, port: int, protocol: str, flag: str) -> None:
+    """Refuse to start when a port is taken, with one line, before any server process starts (a
+    server that cannot bind would otherwise be restarted over and over, each time with a traceback)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(f"The {protocol} port {host}:{port} is not free ({error.strerror}): stop what listens "
+                            f"there or choose another port with {flag}.") from None
 
 
 def _local_predictor(repository: str):
@@ -285,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, help="HTTP port (default 3000)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8500; -1: no gRPC)")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+                       help="level of cnnkit's log lines (default INFO)")
+    serve.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (default text)")
     serve.set_defaults(func=cmd_serve)
 
     score = commands.add_parser("score", help="score every image in a folder (service or in-process)")

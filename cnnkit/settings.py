@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,7 +56,11 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8500, ge=-1, le=65535, description="gRPC port (TF Serving's API); -1 turns gRPC off.")
     grpc_threads: int = Field(16, ge=1, description="Threads serving gRPC calls.")
     api_key: str | None = Field(None, description="When set, every route but health checks needs this key.")
-    access_log: bool = Field(True, description="One log line per HTTP request.")
+    access_log: bool = Field(True, description="One log line per HTTP request (with its request id).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of cnnkit's log lines.")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or as one JSON object each.")
+    cors_origins: CommaList = Field(
+        [], description="Origins that browsers may call the HTTP API from (CORS); * for any; none: no CORS.")
 
     # What the service serves, and how.
     bento_models: CommaList = Field(
@@ -84,7 +88,12 @@ class Settings(BaseSettings):
     explain_queue: int = Field(8, ge=1, description="Most explanations waiting at once (more answer 503).")
     explain_timeout: float = Field(50.0, gt=0, description="Seconds a request waits for its explanation (then 503).")
 
-    @field_validator("bento_models", "ort_providers", mode="before")
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("bento_models", "ort_providers", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

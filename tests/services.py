@@ -10,10 +10,10 @@ from cnnkit.serving.process import ServiceProcess, free_port
 class RunningService(ServiceProcess):
     """Started at once, polling the repository every 0.5 s, its log beside the repository."""
 
-    def __init__(self, repository: Path, api_key: str | None = None):
+    def __init__(self, repository: Path, api_key: str | None = None, environment: dict[str, str] | None = None):
         super().__init__(repository, repository.parent, api_key=api_key,
                          environment={"CNNKIT_POLL_SECONDS": "0.5",
-                                      "CNNKIT_CACHE_DIR": str(repository.parent / "cache")})
+                                      "CNNKIT_CACHE_DIR": str(repository.parent / "cache"), **(environment or {})})
         self.start()
 
 

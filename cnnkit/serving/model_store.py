@@ -206,7 +206,8 @@ class ModelStore:
                     with self._lock:
                         self._models.setdefault(name, {})[version] = model
                     loaded.setdefault(name, []).append(version)
-                    logger.info("serving %s version %d (%s)", name, version, ", ".join(model.providers))
+                    if self.ready:  # at start-up the service lists every version once they are all loaded
+                        logger.info("now serving %s version %d with %s", name, version, ", ".join(model.providers))
             with self._lock:
                 for name in list(self._models):
                     for version in list(self._models[name]):

@@ -124,3 +124,18 @@ def test_every_route_counts_its_requests_by_model_and_version(service):
     errors = httpx.get(f"{service.url}/metrics", timeout=30).text
     assert re.search(r'^cnnkit_request_errors_total\{code="404",endpoint="predict_json",model="digits",'
                      r'protocol="http",version="-"\} [1-9]', errors, re.MULTILINE)
+
+
+def test_grpc_calls_echo_their_request_id(service):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digits"
+    request.inputs["image"].CopyFrom(to_tensor_proto(BLANK))
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        _, call = stub.Predict.with_call(request, metadata=[("x-request-id", "trace-7")], timeout=60)
+        assert dict(call.trailing_metadata())["x-request-id"] == "trace-7"
+        request.model_spec.name = "nope"
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(request, timeout=60)
+        made = dict(refused.value.trailing_metadata())["x-request-id"]
+        assert len(made) == 32  # a refusal carries one too

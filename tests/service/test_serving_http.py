@@ -245,8 +245,11 @@ def test_new_version_is_picked_up_without_failed_requests(own_service, digits):
     assert pinned["version"] == 1
 
 
-def test_api_key_guards_everything_but_health(repository, digits):
-    running = RunningService(repository, api_key="k3y")
+def test_api_key_cors_request_ids_and_json_logs(repository, digits):
+    """One service with an API key, CORS for one origin and JSON log lines (settings from the environment)."""
+    origin = "https://app.example"
+    running = RunningService(repository, api_key="k3y", environment={
+        "CNNKIT_CORS_ORIGINS": origin, "CNNKIT_LOG_FORMAT": "json", "CNNKIT_LOG_LEVEL": "info"})
     try:
         body = {"model": "digits", "images": [b64(digits[2][0])]}
         assert httpx.post(f"{running.url}/predict_json", json=body).status_code == 401
@@ -255,6 +258,35 @@ def test_api_key_guards_everything_but_health(repository, digits):
         assert httpx.post(f"{running.url}/predict_json", json=body, headers={"x-api-key": "k3y"}).status_code == 200
         assert httpx.get(f"{running.url}/models/", headers={"authorization": "Bearer k3y"}).status_code == 200
         assert httpx.get(f"{running.url}/readyz").status_code == 200
+        # CORS: a browser's preflight needs no key; the answer names the origin; other origins get nothing.
+        preflight = httpx.options(f"{running.url}/predict_json", headers={
+            "origin": origin, "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type,x-api-key"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+        assert "x-api-key" in preflight.headers["access-control-allow-headers"]
+        called = httpx.post(f"{running.url}/predict_json", json=body, headers={"x-api-key": "k3y", "origin": origin})
+        assert called.headers["access-control-allow-origin"] == origin
+        stranger = httpx.options(f"{running.url}/predict_json", headers={
+            "origin": "https://evil.example", "access-control-request-method": "POST"})
+        assert "access-control-allow-origin" not in stranger.headers
+        # Request ids: the client's is echoed, else one is made; both reach the JSON log lines.
+        mine = httpx.post(f"{running.url}/predict_json", json=body, headers={"x-api-key": "k3y",
+                                                                             "x-request-id": "trace-42"})
+        assert mine.headers["x-request-id"] == "trace-42"
+        made = httpx.post(f"{running.url}/predict_json", json=body, headers={"x-api-key": "k3y"}).headers
+        assert len(made["x-request-id"]) == 32
+        refused = httpx.get(f"{running.url}/models/", headers={"x-request-id": "x" * 500})  # 401, a new id
+        assert len(refused.headers["x-request-id"]) == 32
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "trace-42" not in running.log_tail(100_000):
+            time.sleep(0.2)
+        lines = [json.loads(line) for line in running.log_tail(1_000_000).splitlines() if line.startswith("{")]
+        access = [line for line in lines if line["logger"] == "cnnkit.access"]
+        assert {"request_id": "trace-42", "status": 200, "path": "/predict_json"}.items() <= next(
+            line for line in access if line["request_id"] == "trace-42").items()
+        assert any(line["request_id"] == made["x-request-id"] for line in access)
+        assert any("serving digits version 1 with CPUExecutionProvider" in line["message"] for line in lines)
+        assert any("gRPC (TF Serving's API) listening on 127.0.0.1:" in line["message"] for line in lines)
     finally:
         running.stop()
 

@@ -47,3 +47,23 @@ def test_a_started_child_ends_when_its_starter_is_killed():
     finally:
         if not _gone(child):
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("busy", ["--grpc-port", "--http-port"])
+def test_a_busy_port_stops_serve_at_once_with_one_line(busy, digits_repository):
+    import socket
+
+    from cnnkit.serving.process import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = {"--grpc-port": str(free_port()), "--http-port": str(free_port())}
+        ports[busy] = str(taken.getsockname()[1])
+        result = subprocess.run([sys.executable, "-m", "cnnkit", "serve", "--repository", str(digits_repository),
+                                 *[item for pair in ports.items() for item in pair]],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{ports[busy]} is not free" in lines[0] and busy in lines[0], result.stderr

@@ -29,6 +29,7 @@ from cnnkit.serving import metrics
 from cnnkit.serving.auth import key_matches, presented_key
 from cnnkit.serving.core import InferenceCore
 from cnnkit.serving.inputs import check_batch, check_count, decode_base64, decode_image, decode_images
+from cnnkit.serving.logs import REQUEST_ID_HEADER, request_id, request_id_from
 from cnnkit.serving.model_store import LoadedModel
 from cnnkit.serving.requests import (
     EmptyRequest,
@@ -110,11 +111,20 @@ def signature_defs(model: LoadedModel) -> get_model_metadata_pb2.SignatureDefMap
     return signatures
 
 
+def _identify(context: grpc.ServicerContext) -> None:
+    """The call's request id (the client's ``x-request-id`` metadata, else a new one), for the log
+    lines written while it runs, and echoed to the client in the trailing metadata."""
+    identifier = request_id_from(context.invocation_metadata() or ())
+    request_id.set(identifier)
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, identifier),))
+
+
 def _rpc(endpoint: str) -> Callable:
     """Wrap an RPC handler: count it in the metrics and answer a ServingError with its status."""
 
     def decorate(handler: Callable) -> Callable:
         def wrapped(self, request, context):
+            _identify(context)
             try:
                 with metrics.observe("grpc", endpoint, request.model_spec.name or "-"):
                     return handler(self, request, context)
@@ -308,6 +318,7 @@ class Extensions:
             function = getattr(self, name)
 
             def handle(request: bytes, context) -> bytes | None:
+                _identify(context)
                 try:
                     with metrics.observe("grpc", name) as observation:
                         try:
