@@ -177,7 +177,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError("BentoML is not installed: pip install 'cnnkit[serving]'.")
     project = Path(__file__).resolve().parents[1]
     command = [bentoml, "serve", "cnnkit.serving.http.service:Classifier", "--host", settings.host,
-               "--port", str(settings.http_port), "--working-dir", str(project)]
+               "--port", str(settings.http_port), "--working-dir", str(project),
+               "--timeout-graceful-shutdown", str(settings.drain_timeout)]
     grpc = f"gRPC {settings.host}:{settings.grpc_port}" if settings.grpc_port >= 0 else "gRPC off"
     print(f"[cnnkit] serving {repository}: HTTP http://{settings.host}:{settings.http_port}  {grpc}",
           file=sys.stderr, flush=True)

@@ -99,6 +99,14 @@ class UnavailableError(ServingError):
     grpc_code = "UNAVAILABLE"
 
 
+class OverloadedError(ServingError):
+    """The service has more work waiting than it takes on: try again after ``retry_after`` seconds."""
+
+    http_status = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
+    retry_after = 1
+
+
 class ServerFaultError(ServingError):
     """A request that passed every check failed inside the service: a server-side fault."""
 

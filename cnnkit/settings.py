@@ -74,6 +74,15 @@ class Settings(BaseSettings):
         description="Let ONNX Runtime's threads spin between runs (faster alone, burns a core).")
     max_batch_size: int = Field(64, ge=1, description="Most images in one ONNX Runtime call of the batcher.")
     batch_wait_ms: float = Field(0.0, ge=0, description="How long a batch waits for company (0: natural batching).")
+    max_concurrency: int = Field(
+        64, ge=1, description="Most HTTP requests in progress at once; more are answered 429 (BentoML's cap).")
+    drain_seconds: float = Field(
+        2.0, ge=0, description="After SIGTERM, how long /readyz answers 503 while requests are still served.")
+    drain_timeout: int = Field(
+        30, ge=1, description="After that, the most seconds in-flight and queued requests get to finish.")
+    max_queue: int = Field(256, ge=1, description="Most requests waiting per model version; more are answered 503.")
+    max_queue_ms: float = Field(
+        500.0, gt=0, description="A request that waited longer than this for its batch is answered 503.")
 
     # What one request may carry.
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest image file or request body, in bytes.")

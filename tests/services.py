@@ -12,7 +12,7 @@ class RunningService(ServiceProcess):
 
     def __init__(self, repository: Path, api_key: str | None = None, environment: dict[str, str] | None = None):
         super().__init__(repository, repository.parent, api_key=api_key,
-                         environment={"CNNKIT_POLL_SECONDS": "0.5",
+                         environment={"CNNKIT_POLL_SECONDS": "0.5", "CNNKIT_DRAIN_SECONDS": "0",
                                       "CNNKIT_CACHE_DIR": str(repository.parent / "cache"), **(environment or {})})
         self.start()
 

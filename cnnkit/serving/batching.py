@@ -4,9 +4,14 @@ Each model version gets a :class:`MicroBatcher`. A request submits its (already 
 and awaits its slice of the result. A worker task takes whatever has queued up, up to
 ``max_batch_size`` images, and runs the batch in a thread; requests that arrive meanwhile queue and
 form the next batch. So a lone request runs at once (no added latency), and under load batches
-grow by themselves, so throughput grows instead of requests being refused. ``max_wait_ms`` (default
-0) makes the worker also wait that long for company after the first request. Nothing is ever
-answered 503: the queue is bounded only by the service's concurrency limit.
+grow by themselves. ``max_wait_ms`` (default 0) makes the worker also wait that long for company
+after the first request.
+
+Admission control: far past capacity, a queue without bounds only makes every answer later. So at
+most ``max_queue`` requests wait per model version (more are refused at once with
+:class:`~cnnkit.errors.OverloadedError`: HTTP 503 with ``Retry-After``, gRPC ``RESOURCE_EXHAUSTED``),
+and a request that waited longer than ``max_queue_ms`` when its batch is formed is refused the same
+way instead of being run for a client that has probably given up. Health checks never queue here.
 
 Requests are validated before they are queued, so one caller's bad input never fails another
 caller's batch. :class:`ThreadBatcher` does the same for callers on threads (gRPC).
@@ -17,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from cnnkit.errors import OverloadedError
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +37,14 @@ logger = logging.getLogger(__name__)
 class _Pending:
     images: np.ndarray
     future: asyncio.Future = field(repr=False)
+    queued: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class BatchStats:
     batches: int = 0
     images: int = 0
+    refused: int = 0  # requests turned away: queue full or waited too long
 
     @property
     def mean_batch_size(self) -> float:
@@ -45,13 +55,41 @@ class Batching:
     """What both batchers share: the inference function, the batch size limit and the counts."""
 
     def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], max_batch_size: int,
-                 on_batch: Callable[[int], None] | None):
+                 on_batch: Callable[[int], None] | None, max_queue: int | None = None,
+                 max_queue_ms: float | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1.")
         self.infer = infer
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
+        self.max_queue = max_queue
+        self.max_queue_seconds = max_queue_ms / 1000 if max_queue_ms else None
         self.stats = BatchStats()
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet in a batch."""
+        return 0
+
+    def admit(self) -> None:
+        """Refuse now (OverloadedError) when the queue is full: call it before decoding a request,
+        so that a refusal costs next to nothing."""
+        self._admit(self.waiting)
+
+    def _admit(self, waiting: int) -> None:
+        """Refuse a request when ``waiting`` requests already queue (the ``max_queue`` bound)."""
+        if self.max_queue is not None and waiting >= self.max_queue:
+            self.stats.refused += 1
+            raise OverloadedError(f"The service is overloaded: {waiting} requests are already waiting for this "
+                                  f"model; try again shortly.")
+
+    def _expired(self, queued: float, now: float) -> OverloadedError | None:
+        """The error for a request that waited past ``max_queue_ms`` (None while it may still run)."""
+        if self.max_queue_seconds is None or now - queued <= self.max_queue_seconds:
+            return None
+        self.stats.refused += 1
+        return OverloadedError(f"The service is overloaded: the request waited {(now - queued) * 1000:.0f} ms "
+                               f"in the queue (limit {self.max_queue_seconds * 1000:.0f} ms); try again shortly.")
 
     def close(self) -> None:
         """Stop whatever runs batches in the background (nothing, unless a subclass has a worker)."""
@@ -69,11 +107,16 @@ class MicroBatcher(Batching):
     """Merge concurrent calls of ``infer(images) -> outputs`` (arrays with a leading batch axis)."""
 
     def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
-                 max_wait_ms: float = 0.0, on_batch: Callable[[int], None] | None = None):
-        super().__init__(infer, max_batch_size, on_batch)
+                 max_wait_ms: float = 0.0, on_batch: Callable[[int], None] | None = None,
+                 max_queue: int | None = None, max_queue_ms: float | None = None):
+        super().__init__(infer, max_batch_size, on_batch, max_queue, max_queue_ms)
         self.max_wait = max_wait_ms / 1000
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
 
     def _ensure_worker(self) -> asyncio.Queue[_Pending]:
         if self._queue is None or self._worker is None or self._worker.done():
@@ -92,11 +135,13 @@ class MicroBatcher(Batching):
 
     async def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Queue ``images`` (N, ...) and return the outputs for exactly those N images."""
+        queue = self._ensure_worker()
+        self._admit(queue.qsize())
         if len(images) > self.max_batch_size:
             # A request bigger than a batch runs on its own rather than being split.
             return await asyncio.to_thread(self._run_batch, images)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self._ensure_worker().put(_Pending(images, future))
+        await queue.put(_Pending(images, future))
         return await future
 
     async def _run(self) -> None:
@@ -124,7 +169,16 @@ class MicroBatcher(Batching):
             await self._dispatch(pending)
 
     async def _dispatch(self, pending: list[_Pending]) -> None:
-        live = [item for item in pending if not item.future.cancelled()]
+        now = time.monotonic()
+        live = []
+        for item in pending:
+            if item.future.cancelled():
+                continue
+            expired = self._expired(item.queued, now)
+            if expired is not None:
+                item.future.set_exception(expired)
+            else:
+                live.append(item)
         if not live:
             return
         batch = np.concatenate([item.images for item in live]) if len(live) > 1 else live[0].images
@@ -147,6 +201,7 @@ class MicroBatcher(Batching):
 class _Waiting:
     images: np.ndarray
     done: threading.Event = field(default_factory=threading.Event, repr=False)
+    queued: float = field(default_factory=time.monotonic)
     outputs: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
     lead: bool = False
@@ -162,14 +217,21 @@ class ThreadBatcher(Batching):
     """
 
     def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
-                 on_batch: Callable[[int], None] | None = None):
-        super().__init__(infer, max_batch_size, on_batch)
+                 on_batch: Callable[[int], None] | None = None, max_queue: int | None = None,
+                 max_queue_ms: float | None = None):
+        super().__init__(infer, max_batch_size, on_batch, max_queue, max_queue_ms)
         self._lock = threading.Lock()
         self._queue: list[_Waiting] = []
         self._running = False
 
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
     def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Run ``images`` (N, ...) in the next batch and return the outputs for exactly those N."""
+        with self._lock:
+            self._admit(len(self._queue))
         if len(images) > self.max_batch_size:
             return self._run_batch(images)
         item = _Waiting(images)
@@ -206,7 +268,19 @@ class ThreadBatcher(Batching):
         assert item.outputs is not None
         return item.outputs
 
-    def _dispatch(self, batch: list[_Waiting]) -> None:
+    def _dispatch(self, waiting: list[_Waiting]) -> None:
+        now = time.monotonic()
+        batch = []
+        for item in waiting:
+            item.error = self._expired(item.queued, now)
+            if item.error is None:
+                batch.append(item)
+        for item in waiting:
+            if item.error is not None:
+                item.lead = False
+                item.done.set()
+        if not batch:
+            return
         try:
             images = np.concatenate([item.images for item in batch]) if len(batch) > 1 else batch[0].images
             outputs = self._run_batch(images)

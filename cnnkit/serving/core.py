@@ -102,8 +102,8 @@ class InferenceCore:
     """
 
     def __init__(self, store: ModelStore, *, limits: InputLimits = DEFAULT_LIMITS,
-                 max_batch_size: int = 64, max_wait_ms: float = 0.0,
-                 explanations: Explanations | None = None):
+                 max_batch_size: int = 64, max_wait_ms: float = 0.0, max_queue: int | None = None,
+                 max_queue_ms: float | None = None, explanations: Explanations | None = None):
         self.store = store
         # Grad-CAM and filter patterns run in a TensorFlow worker process, shared by HTTP and gRPC.
         self.explanations = explanations if explanations is not None else Explanations()
@@ -111,10 +111,15 @@ class InferenceCore:
         self.max_batch_size = max_batch_size
         # Natural batching by default (see cnnkit.serving.batching); max_wait_ms trades latency for batch size.
         self.max_wait_ms = max_wait_ms
+        # Admission control (see cnnkit.serving.batching): None leaves the queues unbounded.
+        self.max_queue = max_queue
+        self.max_queue_ms = max_queue_ms
         self._async_batchers = VersionBatchers(store, lambda infer, on_batch: MicroBatcher(
-            infer, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms, on_batch=on_batch))
+            infer, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms, on_batch=on_batch,
+            max_queue=self.max_queue, max_queue_ms=self.max_queue_ms))
         self._thread_batchers = VersionBatchers(store, lambda infer, on_batch: ThreadBatcher(
-            infer, max_batch_size=self.max_batch_size, on_batch=on_batch))
+            infer, max_batch_size=self.max_batch_size, on_batch=on_batch, max_queue=self.max_queue,
+            max_queue_ms=self.max_queue_ms))
 
     @classmethod
     def from_settings(cls, store: ModelStore, settings: Settings,
@@ -122,6 +127,7 @@ class InferenceCore:
         limits = InputLimits(max_body_bytes=settings.max_body_bytes, max_image_pixels=settings.max_image_pixels,
                              max_batch=settings.max_images)
         return cls(store, limits=limits, max_batch_size=settings.max_batch_size, max_wait_ms=settings.batch_wait_ms,
+                   max_queue=settings.max_queue, max_queue_ms=settings.max_queue_ms,
                    explanations=explanations if explanations is not None else Explanations.from_settings(settings))
 
     def close(self) -> None:
@@ -145,6 +151,11 @@ class InferenceCore:
         return self._thread_batchers.get(model)
 
     # The one predict path ----------------------------------------------------------------------
+
+    def admit(self, model: LoadedModel, *, on_loop: bool) -> None:
+        """Refuse a classification at once (OverloadedError: 503 / RESOURCE_EXHAUSTED) when the
+        version's queue is full; the front ends call it before decoding anything."""
+        (self.batcher(model) if on_loop else self.thread_batcher(model)).admit()
 
     @staticmethod
     def _split(model: LoadedModel, outputs: Sequence[str] | None) -> tuple[list[str], bool]:

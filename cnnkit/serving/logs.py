@@ -9,7 +9,8 @@ Every HTTP request gets an id: the client's ``x-request-id`` header when it send
 to 128 printable characters), else a new random one. :class:`RequestIdMiddleware` echoes it in the
 response's ``x-request-id`` header, makes it available to every log line written while the request
 is answered, and writes the request's access line (method, path, status, milliseconds, id) when the
-``access_log`` setting is on (not for health probes and metric scrapes). gRPC calls read and echo the same metadata key (see the gRPC server).
+``access_log`` setting is on (not for health probes and metric scrapes). gRPC calls read and echo
+the same metadata key (see the gRPC server).
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class _ClientErrorsAtInfo(logging.Filter):
+    """BentoML logs a body it refuses (a missing upload) at ERROR with a traceback; it is the client's
+    mistake, answered 400: log it at INFO, one line, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and type(error).__name__ == "ValidationError":
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"{record.getMessage()}: refused with 400 (invalid fields)"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -84,6 +99,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logger.addHandler(handler)
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorsAtInfo())
     if log_format == "json":
         # BentoML's and the other libraries' lines, in the same format.
         for other in (logging.getLogger(), *[logging.getLogger(name) for name in list(logging.root.manager.loggerDict)

@@ -67,3 +67,65 @@ def test_a_busy_port_stops_serve_at_once_with_one_line(busy, digits_repository):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{ports[busy]} is not free" in lines[0] and busy in lines[0], result.stderr
+
+
+@pytest.mark.data
+def test_sigterm_drains_the_service_without_losing_an_admitted_request(digits_repository, tmp_path):
+    """SIGTERM to `cnnkit serve` (as Kubernetes sends it) during a 16-client load: readiness turns 503
+    first while predictions are still answered, every request the service took is answered 200, and
+    the process exits 0."""
+    import base64
+    import contextlib
+    import io
+    import shutil
+    import threading
+    import time
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+    from services import RunningService
+
+    repository = tmp_path / "model_repository"
+    shutil.copytree(digits_repository, repository)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png, format="PNG")
+    body = {"model": "digits", "images": [base64.b64encode(png.getvalue()).decode()]}
+    service = RunningService(repository, environment={"CNNKIT_DRAIN_SECONDS": "2"})
+    answers: list[tuple[float, int]] = []
+    failures: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=service.url, timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    answers.append((time.monotonic(), http.post("/predict_json", json=body).status_code))
+                except httpx.TransportError as error:  # refused or closed before the request was taken
+                    failures.append((time.monotonic(), type(error).__name__))
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        os.kill(service.pid, signal.SIGTERM)
+        readiness: list[tuple[float, int]] = []
+        while service.process.poll() is None and time.monotonic() - signalled < 60:
+            with contextlib.suppress(httpx.TransportError):
+                readiness.append((time.monotonic(), httpx.get(f"{service.url}/readyz", timeout=5).status_code))
+            time.sleep(0.1)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert service.process.wait(60) == 0, service.log_tail()
+    finally:
+        stop.set()
+        service.stop()
+    assert {status for _, status in answers} == {200}  # nothing the service took was lost or failed
+    not_ready = [moment for moment, status in readiness if status == 503]
+    assert not_ready, readiness  # readiness turned 503 first ...
+    assert [status for moment, status in answers if moment > not_ready[0]]  # ... while requests were still served
+    assert all(moment > signalled for moment, _ in failures)  # refusals only once it stopped taking connections

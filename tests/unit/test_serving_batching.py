@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from cnnkit.serving.batching import MicroBatcher
+from cnnkit.serving.batching import MicroBatcher, ThreadBatcher
 
 
 def doubling(calls):
@@ -187,3 +188,102 @@ def test_the_core_stops_the_batchers_of_retired_versions():
 
     worker = asyncio.run(main())
     assert worker.cancelled() and list(core._async_batchers) == [("m", 2)]
+
+
+def test_a_full_queue_refuses_at_once_and_a_stale_request_is_not_run():
+    """Admission control: past max_queue waiting requests, or max_queue_ms of waiting, answer 503."""
+    from cnnkit.errors import OverloadedError
+
+    gate = threading.Event()
+    ran: list[int] = []
+
+    def slow(images):
+        gate.wait(10)
+        ran.append(len(images))
+        return {"out": images}
+
+    batcher = ThreadBatcher(slow, max_batch_size=4, max_queue=2, max_queue_ms=200)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(batcher.submit, np.ones((1, 1), np.float32))  # runs, held at the gate
+        time.sleep(0.3)
+        queued = [pool.submit(batcher.submit, np.full((1, 1), index, np.float32)) for index in (2, 3)]
+        time.sleep(0.3)
+        with pytest.raises(OverloadedError, match="2 requests are already waiting") as refused:
+            batcher.submit(np.ones((1, 1), np.float32))
+        assert refused.value.http_status == 503 and refused.value.grpc_code == "RESOURCE_EXHAUSTED"
+        time.sleep(0.3)  # the queued two now wait past 200 ms
+        gate.set()
+        assert first.result(10)["out"].shape == (1, 1)
+        for future in queued:
+            with pytest.raises(OverloadedError, match="waited .* ms in the queue"):
+                future.result(10)
+    assert ran == [1] and batcher.stats.refused == 3  # the stale requests never reached the model
+    assert batcher.submit(np.ones((1, 1), np.float32))["out"].shape == (1, 1)  # and it serves again
+
+
+def test_the_event_loop_batcher_refuses_the_same_way():
+    from cnnkit.errors import OverloadedError
+
+    async def main():
+        gate = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow(images):
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+            return {"out": images}
+
+        batcher = MicroBatcher(slow, max_batch_size=1, max_queue=2, max_queue_ms=150)
+        first = asyncio.create_task(batcher.submit(np.ones((1, 1), np.float32)))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(batcher.submit(np.ones((1, 1), np.float32))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(OverloadedError, match="already waiting"):
+            await batcher.submit(np.ones((1, 1), np.float32))
+        await asyncio.sleep(0.2)
+        gate.set()
+        assert (await first)["out"].shape == (1, 1)
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        batcher.close()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(outcome, OverloadedError) for outcome in outcomes)
+
+
+def test_an_overloaded_answer_says_when_to_come_back():
+    import json
+
+    from cnnkit.errors import OverloadedError
+    from cnnkit.serving.http.errors import error_response
+
+    answer = error_response(OverloadedError("busy"))
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert json.loads(answer.body) == {"error": "busy"}
+
+
+def test_the_core_admits_before_decoding_while_the_queue_has_room():
+    from types import SimpleNamespace
+
+    from cnnkit.errors import OverloadedError
+    from cnnkit.serving.core import InferenceCore
+
+    gate = threading.Event()
+
+    def held(images, outputs):
+        gate.wait(10)
+        return {"probabilities": images}
+
+    model = SimpleNamespace(name="m", version=1, run=held)
+    core = InferenceCore(SimpleNamespace(served_versions=lambda: {("m", 1)}), max_queue=1, max_queue_ms=5000)
+    core.admit(model, on_loop=False)  # nothing waits yet
+    with ThreadPoolExecutor(4) as pool:
+        running = pool.submit(core.predict, model, np.ones((1, 2), np.float32))
+        time.sleep(0.3)
+        waiting = pool.submit(core.predict, model, np.ones((1, 2), np.float32))
+        time.sleep(0.3)
+        with pytest.raises(OverloadedError):
+            core.admit(model, on_loop=False)
+        gate.set()
+        assert running.result(10)["probabilities"].shape == (1, 2) and waiting.result(10)
+    core.admit(model, on_loop=False)
+    core.close()

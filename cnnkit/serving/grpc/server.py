@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from cnnkit.errors import InvalidInputError, NotFoundError, ServingError
-from cnnkit.repository import PREDICT_SIGNATURE, TensorSpec
+from cnnkit.repository import PREDICT_OUTPUTS, PREDICT_SIGNATURE, TensorSpec
 from cnnkit.serving import metrics
 from cnnkit.serving.auth import key_matches, presented_key
 from cnnkit.serving.core import InferenceCore
@@ -164,6 +164,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"output tensor alias not found in signature: {', '.join(unknown)} Outputs "
                 f"expected to be in the set {{{','.join(available)}}}."
             )
+        if set(wanted) <= set(PREDICT_OUTPUTS):
+            self.core.admit(model, on_loop=False)
         images = images_from_tensor(request.inputs["image"], model, self.core.limits)
         results = self.core.predict(model, images, wanted)
         response = predict_pb2.PredictResponse()
@@ -181,6 +183,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         if request.input.HasField("example_list_with_context"):
             examples = list(request.input.example_list_with_context.examples)
         check_count(len(examples), self.core.limits)
+        self.core.admit(model, on_loop=False)
         images = np.stack([self._example_image(example, model) for example in examples])
         probabilities = self.core.predict(model, images)["probabilities"]
         response = classification_pb2.ClassificationResponse()
@@ -395,4 +398,12 @@ def mark_serving(health_servicer) -> None:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
-__all__ = ["abort", "build_server", "mark_serving"]
+def mark_not_serving(health_servicer) -> None:
+    """Health answers NOT_SERVING (draining before a shutdown); calls are still answered."""
+    from grpc_health.v1 import health_pb2
+
+    for service in HEALTH_SERVICE_NAMES:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+__all__ = ["abort", "build_server", "mark_not_serving", "mark_serving"]

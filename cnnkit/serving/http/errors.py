@@ -8,4 +8,6 @@ from cnnkit.errors import ServingError
 
 
 def error_response(error: ServingError) -> JSONResponse:
-    return JSONResponse({"error": error.message}, status_code=error.http_status)
+    retry_after = getattr(error, "retry_after", None)
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": error.message}, status_code=error.http_status, headers=headers)

@@ -59,3 +59,61 @@ class BodyLimitMiddleware:
                                                 f"the limit is {self.limit} bytes.")
                     return
         await self.app(scope, receive, send)
+
+
+class ValidationAnswerMiddleware:
+    """One-line messages for the bodies BentoML itself refuses (a missing upload, a field of the wrong
+    kind in a multipart form): BentoML answers ``{"error": "1 validation error for XBody", "detail":
+    [...]}``; the ``error`` becomes the same one line that cnnkit's own refusals carry, naming each
+    field ("'image' is required."), and ``detail`` stays for programs."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: list[dict] = []
+
+        async def rewrite(message):
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                held.append(message)
+                return
+            if held and message["type"] == "http.response.body":
+                held.append(message)
+                if message.get("more_body"):
+                    return
+                start, *parts = held
+                body = b"".join(part.get("body", b"") for part in parts)
+                body = _one_line_validation_error(body)
+                headers = [(name, value) for name, value in start.get("headers", [])
+                           if name.lower() != b"content-length"]
+                await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                held.clear()
+                return
+            await send(message)
+
+        await self.app(scope, receive, rewrite)
+
+
+def _one_line_validation_error(body: bytes) -> bytes:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return body
+    if not (isinstance(answer, dict) and isinstance(answer.get("detail"), list)
+            and "validation error" in str(answer.get("error", ""))):
+        return body
+    problems = []
+    for item in answer["detail"]:
+        location = ".".join(str(part) for part in item.get("loc", []) if "[" not in str(part))
+        message = "is required" if item.get("type") == "missing" else str(item.get("msg", "is not valid"))
+        message = message.removeprefix("Value error, ")
+        if location == "image" and item.get("type") in ("missing", "path_type"):
+            message = "is required: upload the image file as the multipart field 'image'"
+        problems.append(f"'{location}' {message}" if location else message)
+    joined = "; ".join(problems)
+    answer["error"] = joined if joined.endswith(".") else joined + "."
+    return json.dumps(answer).encode()

@@ -123,6 +123,7 @@ def build_tf_serving_app(get_core: Callable[[], InferenceCore]) -> Starlette:
 
 
 async def _predict(request: Request, core: InferenceCore, model: LoadedModel) -> Response:
+    core.admit(model, on_loop=True)
     body = await read_json(request, core.limits.max_body_bytes)
     signature = body.get("signature_name", "serving_default") if isinstance(body, dict) else ""
     outputs = model.signature_outputs(signature)

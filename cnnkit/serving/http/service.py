@@ -22,6 +22,8 @@ import functools
 import inspect
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,19 +33,24 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 import bentoml  # noqa: E402
 from bentoml import IODescriptor  # noqa: E402
 from bentoml.validators import ContentType  # noqa: E402
-from pydantic import BaseModel, create_model  # noqa: E402
+from pydantic import BaseModel, ValidationError, create_model  # noqa: E402
 
 from cnnkit.errors import ServingError  # noqa: E402
 from cnnkit.repository import resolve_repository  # noqa: E402
 from cnnkit.serving import metrics  # noqa: E402
 from cnnkit.serving.core import InferenceCore  # noqa: E402
 from cnnkit.serving.http.errors import error_response  # noqa: E402
-from cnnkit.serving.http.middleware import ApiKeyMiddleware, BodyLimitMiddleware  # noqa: E402
+from cnnkit.serving.http.middleware import (  # noqa: E402
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    ValidationAnswerMiddleware,
+)
 from cnnkit.serving.http.rest import build_models_app, build_tf_serving_app  # noqa: E402
 from cnnkit.serving.inputs import check_count, decode_base64, decode_image, decode_images, tensor_from_json  # noqa: E402
 from cnnkit.serving.logs import RequestIdMiddleware, configure_logging  # noqa: E402
 from cnnkit.serving.model_store import ModelStore, RepositoryPoller  # noqa: E402
 from cnnkit.serving.requests import (  # noqa: E402
+    EmptyRequest,
     FeatureMapsJsonRequest,
     FeatureMapsRequest,
     FilterPatternsRequest,
@@ -80,6 +87,25 @@ def repository_from_bento_store(tags: list[str]) -> Path:
     return root
 
 
+class _RequestBody(IODescriptor):
+    """The base of the routes' input specs: a body that cannot be read at all (malformed JSON, a
+    multipart form without a boundary or cut short) is the client's mistake, answered 400 with one
+    line, not a 500 from deep inside the parser."""
+
+    @classmethod
+    async def from_http_request(cls, request: Any, serde: Any) -> IODescriptor:
+        try:
+            return await super().from_http_request(request, serde)
+        except ValidationError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever the body parser raises
+            content_type = request.headers.get("content-type", "no content type")
+            raise ValidationError.from_exception_data(cls.__name__, [{
+                "type": "value_error", "loc": ("body",), "input": None,
+                "ctx": {"error": ValueError(f"The body could not be read as {content_type}: {error}")},
+            }]) from error
+
+
 def input_spec(request: type[BaseModel], **files: type) -> type[IODescriptor]:
     """The BentoML input spec of a route whose body is one of the shared request models.
 
@@ -89,10 +115,12 @@ def input_spec(request: type[BaseModel], **files: type) -> type[IODescriptor]:
     """
     fields: dict[str, Any] = {name: (Any, None) for name in request.model_fields}
     fields.update({name: (kind, ...) for name, kind in files.items()})
-    spec = create_model(f"{request.__name__}Body", __base__=IODescriptor, __doc__=request.__doc__, **fields)
+    spec = create_model(f"{request.__name__}Body", __base__=_RequestBody, __doc__=request.__doc__, **fields)
 
     def documented_schema(cls: type[IODescriptor], *args: Any, **kwargs: Any) -> dict[str, Any]:
         schema = IODescriptor.model_json_schema.__func__(cls, *args, **kwargs)  # type: ignore[attr-defined]
+        schema.pop("title", None)
+        schema["title"] = f"{request.__name__}Body"
         documented = request.model_json_schema()
         schema["properties"] = {**documented["properties"],
                                 **{name: schema["properties"][name] for name in files}}
@@ -165,7 +193,7 @@ def _current_core() -> InferenceCore:
 @bentoml.service(
     name="cnnkit",
     workers=1,
-    traffic={"timeout": 60, "max_concurrency": 512},
+    traffic={"timeout": 60, "max_concurrency": SETTINGS.max_concurrency},
     http={"host": SETTINGS.host, "port": SETTINGS.http_port},
     # The access lines are cnnkit's own, with the request id (see cnnkit.serving.logs).
     logging={"access": {"enabled": False}},
@@ -192,29 +220,64 @@ class Classifier:
         if not self.store.names():
             logger.warning("no models in %s: export one with `cnnkit export RUN_DIR`", repository)
         self.poller = RepositoryPoller(self.store, settings.poll_seconds).start()
+        self.draining = False
+        self._health: Any = None
+        self._drain_on_sigterm()
         self.grpc_server = None
         if settings.grpc_port >= 0:
             from cnnkit.serving.grpc.server import build_server, mark_serving
 
-            self.grpc_server, bound, health = build_server(
+            self.grpc_server, bound, self._health = build_server(
                 self.core, host=settings.host, port=settings.grpc_port, api_key=settings.api_key,
                 max_workers=settings.grpc_threads,
             )
             self.grpc_server.start()
-            mark_serving(health)
+            mark_serving(self._health)
             logger.info("gRPC (TF Serving's API) listening on %s:%d", settings.host, bound)
         for model in self.store.all_models():
             logger.info("serving %s version %d with %s", model.name, model.version, ", ".join(model.providers))
 
     def __is_ready__(self) -> bool:
-        return self.store.ready and bool(self.store.names())
+        return self.store.ready and bool(self.store.names()) and not self.draining
+
+    def _drain_on_sigterm(self) -> None:
+        """Graceful drain. On SIGTERM, readiness turns 503 (and gRPC health NOT_SERVING) at once, so
+        load balancers stop sending; requests are still served for ``drain_seconds``; then the HTTP
+        server stops taking connections and finishes the requests in progress (uvicorn's graceful
+        shutdown, bounded by ``drain_timeout``), and the shutdown hook lets gRPC calls finish too.
+
+        The HTTP server's own SIGTERM handler (installed before the service starts) is kept and
+        called once the drain window is over. Only in the process's main thread (a real server)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        stop_server = signal.getsignal(signal.SIGTERM)
+        if not callable(stop_server):
+            return
+
+        def drain(signum: int, frame: Any) -> None:
+            if self.draining:
+                return
+            self.draining = True
+            logger.info("SIGTERM: draining (readiness 503) for %.1f s, then finishing requests in progress",
+                        self.settings.drain_seconds)
+            if self._health is not None:
+                from cnnkit.serving.grpc.server import mark_not_serving
+
+                mark_not_serving(self._health)
+            timer = threading.Timer(self.settings.drain_seconds, stop_server, args=(signum, frame))
+            timer.daemon = True
+            timer.start()
+
+        signal.signal(signal.SIGTERM, drain)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.poller.stop()
         if self.grpc_server is not None:
-            self.grpc_server.stop(grace=5)
+            # In-flight calls finish; new ones are refused.
+            self.grpc_server.stop(grace=self.settings.drain_timeout).wait(self.settings.drain_timeout + 1)
         self.core.close()
+        logger.info("stopped")
 
     @bentoml.api(route="/predict", input_spec=input_spec(PredictRequest, image=Path))
     @route("predict")
@@ -222,6 +285,7 @@ class Classifier:
         """Classify one uploaded image file (multipart): the top-k classes with probabilities."""
         request = parse(PredictRequest, _given(fields))
         served = self.core.model(request.model, request.version)
+        self.core.admit(served, on_loop=True)
         # Large files are decoded in a worker thread (Pillow releases the GIL): in the event
         # loop they would be decoded one concurrent request after the other.
         data = Path(fields["image"]).read_bytes()
@@ -235,6 +299,7 @@ class Classifier:
         """Classify base64-encoded image files (``images``) or a pixel tensor batch (``instances``)."""
         request = parse(PredictJsonRequest, _given(fields))
         served = self.core.model(request.model, request.version)
+        self.core.admit(served, on_loop=True)
         if request.images is not None:
             check_count(len(request.images), self.core.limits)  # before decoding any base64
             files = [decode_base64(text) for text in request.images]
@@ -298,8 +363,8 @@ class Classifier:
         return self.core.filter_patterns(served, request.layer, request.filters, request.steps, request.seed,
                                          request.arrays)
 
-    @bentoml.api(route="/reload")
-    def reload(self) -> JsonObject:
+    @bentoml.api(route="/reload", input_spec=input_spec(EmptyRequest))
+    def reload(self, **fields: Any) -> JsonObject:
         """Load versions that appeared in the repository since the last poll (admin)."""
         loaded = self.store.refresh()
         return {"loaded": loaded, "models": {name: self.store.versions(name) for name in self.store.names()},
@@ -329,6 +394,7 @@ Classifier.__class__ = _DocumentedService  # type: ignore[method-assign]
 # The first middleware added is the outermost: every answer (a refusal too) gets its request id and
 # access line, and CORS preflights are answered before the API key is asked for.
 Classifier.add_asgi_middleware(RequestIdMiddleware, access_log=SETTINGS.access_log)  # type: ignore[attr-defined]
+Classifier.add_asgi_middleware(ValidationAnswerMiddleware)  # type: ignore[attr-defined]
 if SETTINGS.cors_origins:
     from starlette.middleware.cors import CORSMiddleware
 
