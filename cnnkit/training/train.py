@@ -359,8 +359,10 @@ def train(
     state.pop("finished", None)
     checkpoint = RunCheckpoint(run, config.monitor, config.early_stopping_patience, state)
     callbacks = [
-        checkpoint,
+        # The history row is written (and flushed) before the checkpoint's state.json says the epoch
+        # is done: a run killed between the two loses no row (a row past state.json is trimmed).
         keras.callbacks.CSVLogger(str(run.history), append=True),
+        checkpoint,
         keras.callbacks.TensorBoard(str(run.tensorboard), profile_batch=0),
         # The run's one progress display; verbose=0 trains silently.
         *([EpochProgress(config.total_epochs)] if verbose != 0 else []),
