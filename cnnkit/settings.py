@@ -48,7 +48,10 @@ class Settings(BaseSettings):
     data_dir: Path | None = Field(None, description="Data root with the standard layouts (else the Keras downloads).")
     model_repository: Path = Field(Path("model_repository"),
                                    description="The model repository to export into and serve.")
-    cache_dir: Path | None = Field(None, description="Cache of computed filter patterns (default ~/.cache/cnnkit).")
+    cache_dir: Path | None = Field(
+        None, description="Cache of filter patterns and frozen-base features (default ~/.cache/cnnkit).")
+    vgg16_weights: Path | None = Field(
+        None, description="Local VGG16 no-top weights file used where a recipe says weights: imagenet.")
 
     # Where the service listens.
     host: str = Field("127.0.0.1", description="Address the HTTP and gRPC servers listen on.")

@@ -79,6 +79,9 @@ class RecipeConfig:
     steps_per_execution: int = 1
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     fine_tune: FineTuneConfig | None = None
+    # The course's fast path for a frozen base: run the base once over the images (features cached
+    # on disk), then train only the layers after it on those features (cnnkit.training.features).
+    feature_cache: bool = False
     seed: int = 1337
     course_accuracy: float | None = None  # the figure the course reports, for reports
 
@@ -103,6 +106,9 @@ class RecipeConfig:
             raise ConfigError("early_stopping_patience must be 0 (off) or positive.")
         if self.steps_per_execution < 1:
             raise ConfigError("steps_per_execution must be at least 1.")
+        if self.feature_cache and (self.augmentation.enabled or self.fine_tune is not None):
+            raise ConfigError("feature_cache trains on features computed once, so it cannot be combined with "
+                              "augmentation or fine_tune (each changes what the frozen base sees or computes).")
         if self.fine_tune is not None:
             if self.fine_tune.optimizer not in OPTIMIZERS:
                 raise ConfigError(f"fine_tune.optimizer must be one of {', '.join(OPTIMIZERS)}.")

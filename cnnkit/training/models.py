@@ -203,6 +203,12 @@ def _vgg16_base(input_shape: tuple[int, int, int], weights: str | None) -> keras
     """The VGG16 convolutional base with ImageNet weights, a local weights file, or none."""
     if weights is not None and weights.lower() == "none":
         weights = None
+    if weights == "imagenet":
+        from cnnkit.settings import load_settings
+
+        local = load_settings().vgg16_weights  # CNNKIT_VGG16_WEIGHTS: the file, named once
+        if local is not None:
+            weights = str(local.expanduser())
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise ModelError(
             f"VGG16 weights file {weights} does not exist. Pass --weights with the path of "

@@ -147,6 +147,9 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.mode = "min" if "loss" in monitor else "max"
         self.state = state
         self.phase_wait = 0
+        # What the checkpoints hold: the model being fitted, unless it is a part of a larger one
+        # (the head trained on cached features saves the whole model).
+        self.saved_model: keras.Model | None = None
 
     def _improved(self, value: float) -> bool:
         best = self.state.get("best_value")
@@ -170,12 +173,12 @@ class RunCheckpoint(keras.callbacks.Callback):
             )
         value = float(value)
         if math.isfinite(value) and self._improved(value):
-            atomic_save(self.run.best, self.model.save)
+            atomic_save(self.run.best, (self.saved_model or self.model).save)
             self.state.update(best_value=value, best_epoch=epoch + 1)
             self.phase_wait = 0
         else:
             self.phase_wait += 1
-        atomic_save(self.run.last, self.model.save)
+        atomic_save(self.run.last, (self.saved_model or self.model).save)
         seconds = float(self.state.get("train_seconds", 0.0)) + time.perf_counter() - self.epoch_started
         self.state.update(
             epoch=epoch + 1, wait=self.phase_wait, train_seconds=round(seconds, 1), updated=_now()
@@ -358,6 +361,21 @@ def train(
     state.setdefault("started", _now())
     state.pop("finished", None)
     checkpoint = RunCheckpoint(run, config.monitor, config.early_stopping_patience, state)
+    fitted = model
+    if config.feature_cache and start_epoch < config.total_epochs:
+        # The frozen base runs once (features cached); only the head trains, on the features.
+        # The head shares its layers with `model`, so checkpoints and model.keras hold the whole model.
+        from cnnkit.settings import load_settings
+        from cnnkit.training.features import feature_data
+
+        with strategy.scope():
+            fitted, train_data, val_data = feature_data(
+                model, dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, config.batch_size,
+                load_settings().resolved_cache_dir, config.seed)
+            compile_model(fitted, config.optimizer, config.learning_rate, schedule=config.lr_schedule,
+                          decay_steps=steps_per_epoch * config.epochs,
+                          steps_per_execution=config.steps_per_execution, weight_decay=config.weight_decay)
+        checkpoint.saved_model = model
     callbacks = [
         # The history row is written (and flushed) before the checkpoint's state.json says the epoch
         # is done: a run killed between the two loses no row (a row past state.json is trimmed).
@@ -389,7 +407,7 @@ def train(
                 )
             checkpoint.state["wait"] = 0
             print(f"[cnnkit] fine-tuning {', '.join(trainable)}", file=sys.stderr)
-        model.fit(
+        fitted.fit(
             train_data,
             validation_data=val_data,
             epochs=phase_end,
@@ -404,7 +422,7 @@ def train(
             checkpoint.state.pop("stopped_early_at")
             start_epoch = phase_end
             checkpoint.state["epoch"] = phase_end
-        model.stop_training = False
+        fitted.stop_training = False
 
     _restore_best(model, run)
     atomic_save(run.model, model.save)
