@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 CHANNELS_PER_ROW = 16
 
@@ -154,33 +154,3 @@ def to_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
-
-
-def labelled_image_grid(
-    images: np.ndarray,
-    captions: list[str],
-    *,
-    columns: int = 8,
-    cell: int = 96,
-) -> Image.Image:
-    """A grid of uint8 images (N, H, W, C) with a caption under each, e.g. misclassified examples."""
-    if len(images) != len(captions):
-        raise ValueError("images and captions must have the same length.")
-    count = max(1, len(images))
-    columns = min(columns, count)
-    rows = int(np.ceil(count / columns))
-    caption_height = 26
-    canvas = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for index, (image, caption) in enumerate(zip(images, captions, strict=True)):
-        array = np.asarray(image)
-        if array.ndim == 3 and array.shape[2] == 1:
-            array = array[:, :, 0]
-        tile = Image.fromarray(array.astype(np.uint8)).convert("RGB")
-        tile = tile.resize((cell, cell), Image.Resampling.NEAREST)
-        row, column = divmod(index, columns)
-        top = row * (cell + caption_height)
-        canvas.paste(tile, (column * cell, top))
-        for line, text in enumerate(caption.split("\n")[:2]):
-            draw.text((column * cell + 3, top + cell + 1 + line * 12), text[:18], fill=(0, 0, 0))
-    return canvas

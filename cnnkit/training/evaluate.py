@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from cnnkit.io import atomic_save, atomic_write_json, atomic_write_text
-from cnnkit.pictures import labelled_image_grid
 from cnnkit.training.rundir import RunDir, load_run_model
 
 
@@ -99,6 +98,34 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(title)
+    figure.tight_layout()
+    atomic_save(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+    plt.close(figure)
+
+
+def plot_misclassified(images: np.ndarray, true_names: list[str], predicted_names: list[str],
+                       probabilities: list[float], path: Path, title: str, columns: int = 8) -> None:
+    """Misclassified images in a grid, each captioned with its true class, the predicted class and
+    that prediction's probability, in a real font (names of any length stay readable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(images)
+    columns = max(1, min(columns, count))
+    rows = max(1, -(-count // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.25 * rows + 0.5), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, true, predicted, probability in zip(axes.ravel(), images, true_names, predicted_names,
+                                                         probabilities, strict=False):
+        pixels = np.asarray(image)
+        axis.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=255)
+        axis.set_title(f"true: {true}\npred: {predicted} ({probability:.2f})", fontsize=8, color="firebrick")
+    if count == 0:
+        axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     atomic_save(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
     plt.close(figure)
@@ -201,13 +228,10 @@ def evaluate_run(
     if history:
         plot_curves(history, output / "curves.png", config.name)
     wrong = np.flatnonzero(predictions != labels)[:max_misclassified]
-    captions = [
-        f"true {dataset.class_names[labels[i]]}\npred {dataset.class_names[predictions[i]]} "
-        f"{probabilities[i, predictions[i]]:.2f}"
-        for i in wrong
-    ]
-    grid = labelled_image_grid(dataset.x_test[wrong], captions)
-    atomic_save(output / "misclassified.png", lambda temporary: grid.save(temporary, format="PNG"))
+    plot_misclassified(dataset.x_test[wrong], [dataset.class_names[labels[i]] for i in wrong],
+                       [dataset.class_names[predictions[i]] for i in wrong],
+                       [float(probabilities[i, predictions[i]]) for i in wrong], output / "misclassified.png",
+                       f"{config.name}: misclassified test images (first {len(wrong)})")
     atomic_write_json(run.metrics, metrics)
     atomic_write_text(output / "report.md", _markdown_report(metrics))
     accuracy = metrics["test_accuracy"]

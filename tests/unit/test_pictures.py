@@ -11,7 +11,7 @@ from PIL import Image
 from cnnkit.pictures import (
     _viridis_lut,
     feature_map_grid,
-    labelled_image_grid,
+    pattern_grid,
     standardize_channel,
     to_png,
 )
@@ -58,11 +58,21 @@ def test_bad_activation_shapes_are_refused():
         feature_map_grid(np.ones((3, 3)))
 
 
-def test_png_bytes_and_labelled_grid():
-    images = np.random.default_rng(2).integers(0, 255, size=(10, 28, 28, 1), dtype=np.uint8)
-    grid = labelled_image_grid(images, [f"true {i}\npred {i + 1}" for i in range(10)], columns=4)
-    assert grid.size == (4 * 96, 3 * (96 + 26))
+def test_png_bytes():
+    grid = pattern_grid(np.random.default_rng(2).integers(0, 255, size=(10, 8, 8, 1), dtype=np.uint8))
     decoded = Image.open(io.BytesIO(to_png(grid)))
     assert decoded.format == "PNG" and decoded.size == grid.size
-    with pytest.raises(ValueError, match="same length"):
-        labelled_image_grid(images, ["one caption"])
+
+
+def test_misclassified_images_are_drawn_with_their_classes_in_a_real_font(tmp_path):
+    """A grid of the misclassified images, each titled "true: X / pred: Y (p)" by matplotlib (the
+    bitmap font of the old grid ran "pred 4 0.88" together)."""
+    from cnnkit.training.evaluate import plot_misclassified
+
+    images = np.random.default_rng(3).integers(0, 255, size=(10, 28, 28, 1), dtype=np.uint8)
+    path = tmp_path / "misclassified.png"
+    plot_misclassified(images, [str(i) for i in range(10)], ["Ankle boot"] * 10, [0.88] * 10, path, "title")
+    drawn = Image.open(path)
+    assert drawn.format == "PNG" and drawn.size[0] >= 8 * 150 and drawn.size[1] >= 2 * 180
+    plot_misclassified(images[:0], [], [], [], tmp_path / "none.png", "title")  # none wrong: still a picture
+    assert Image.open(tmp_path / "none.png").format == "PNG"
