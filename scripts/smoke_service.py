@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from cnnkit.tensorflow_logs import quiet_tensorflow
+
+quiet_tensorflow()  # the stock TF-Serving client below imports TensorFlow; its start-up lines are noise here
 
 
 def main(argv: list[str] | None = None) -> int:

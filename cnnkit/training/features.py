@@ -55,8 +55,11 @@ def base_features(base: keras.Model, images: np.ndarray, cache_dir: Path, *, bat
     if path.is_file():
         print(f"[cnnkit] {what}: base features from the cache ({path.name})", file=sys.stderr)
         return np.load(path)
+    import time
+
     from tqdm import tqdm
 
+    started = time.perf_counter()
     parts = []
     with tqdm(total=len(images), unit="img", desc=f"{what}: base features", file=sys.stderr,
               disable=not sys.stderr.isatty()) as bar:
@@ -68,8 +71,8 @@ def base_features(base: keras.Model, images: np.ndarray, cache_dir: Path, *, bat
     buffer = io.BytesIO()
     np.save(buffer, features)
     atomic_write_bytes(path, buffer.getvalue())
-    print(f"[cnnkit] {what}: {len(images)} images through the frozen base once, cached as {path.name}",
-          file=sys.stderr)
+    print(f"[cnnkit] {what}: {len(images)} images through the frozen base once in "
+          f"{time.perf_counter() - started:.0f} s, cached as {path.name}", file=sys.stderr)
     return features
 
 
