@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,9 @@ class LoadedModel:
     providers: list[str]
     loaded_at: float = field(default_factory=time.time)
 
-    @property
+    @cached_property
     def info(self) -> ModelMetadata:
-        """The metadata, typed (checked when the version was loaded)."""
+        """The metadata, typed (checked when the version was loaded; parsed once per version)."""
         return ModelMetadata.model_validate(self.metadata)
 
     def signatures(self, served_only: bool = True) -> dict[str, Signature]:
