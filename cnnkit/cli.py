@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from cnnkit.errors import UserError
 
@@ -81,7 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     if args.weights is not None:
         overrides.append(f"model_args.weights={args.weights}")
-    if overrides:
+    if args.init_from is not None:
+        config.init_from = str(Path(args.init_from).resolve())
+    if overrides or args.init_from is not None:
         config = apply_overrides(config, overrides)
     from cnnkit.training.train import train
 
@@ -240,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-limit", type=int, help="train on a fixed-seed subset of N images")
     train.add_argument("--test-limit", type=int, help="evaluate on a fixed-seed subset of N images")
     train.add_argument("--weights", help="VGG16 base weights: imagenet, none, or a local .h5 file")
+    train.add_argument("--init-from", metavar="RUN", help="start from the weights of another run (its "
+                       "directory or a .keras file); with --epochs 0 a fine_tune recipe only fine-tunes")
     train.add_argument("--output", help="run directory (default runs/RECIPE-TIMESTAMP)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",

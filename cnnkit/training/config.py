@@ -82,12 +82,19 @@ class RecipeConfig:
     # The course's fast path for a frozen base: run the base once over the images (features cached
     # on disk), then train only the layers after it on those features (cnnkit.training.features).
     feature_cache: bool = False
+    # Start from the weights of another run (its run directory or a .keras file) instead of the
+    # model's own initialisation; the architectures must match. With ``epochs: 0`` and a
+    # ``fine_tune`` section, a run goes straight to fine-tuning a frozen-base run's model.
+    init_from: str | None = None
     seed: int = 1337
     course_accuracy: float | None = None  # the figure the course reports, for reports
 
     def validate(self) -> RecipeConfig:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.epochs < 0 or (self.epochs == 0 and (self.fine_tune is None or self.init_from is None)):
+            raise ConfigError(
+                f"epochs must be at least 1, got {self.epochs} (0 is allowed only with init_from and "
+                "fine_tune: the run goes straight to fine-tuning the model it starts from)."
+            )
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
         if self.learning_rate <= 0:

@@ -18,7 +18,7 @@ from typing import Any
 
 import keras
 
-from cnnkit.errors import RunError
+from cnnkit.errors import ConfigError, RunError
 from cnnkit.io import atomic_save, atomic_write_json, atomic_write_text
 from cnnkit.training import data as data_module
 from cnnkit.training.config import RecipeConfig, save_config
@@ -352,6 +352,8 @@ def train(
                 input_shape=dataset.input_shape,
                 **{"num_classes": dataset.num_classes, **config.model_args},
             )
+            if config.init_from:
+                initialise_from(model, config.init_from)
             compile_model(
                 model, config.optimizer, config.learning_rate,
                 schedule=config.lr_schedule, decay_steps=steps_per_epoch * config.epochs,
@@ -434,6 +436,32 @@ def train(
 
         evaluate_run(run_path, data_dir=data_dir, dataset=dataset, model=model)
     return run_path
+
+
+def initialise_from(model: keras.Model, source: str | Path) -> Path:
+    """Load the weights of another run (its directory or a ``.keras`` file) into ``model``.
+
+    Only the weights are read (layer by layer, in order), so the source may have been written by an
+    older cnnkit; an architecture that does not match raises a :class:`ConfigError` naming both.
+    """
+    path = Path(source)
+    if path.is_dir():
+        run = RunDir(path)
+        candidates = [run.model, run.best, run.last]
+        found = next((candidate for candidate in candidates if candidate.exists()), None)
+        if found is None:
+            raise ConfigError(f"init_from: {path} holds no model ({', '.join(c.name for c in candidates)}).")
+        path = found
+    elif not path.exists():
+        raise ConfigError(f"init_from: {path} does not exist (give a run directory or a .keras file).")
+    try:
+        model.load_weights(path)
+    except Exception as error:  # noqa: BLE001 - Keras raises assorted errors on mismatched files.
+        raise ConfigError(
+            f"init_from: the weights in {path} do not fit the model {model.name!r}: {error}"
+        ) from error
+    print(f"[cnnkit] starting from the weights in {path}", file=sys.stderr)
+    return path
 
 
 def _restore_best(model: keras.Model, run: RunDir) -> None:

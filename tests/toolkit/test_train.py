@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from processes import kill_when
 
-from cnnkit.errors import RunError
+from cnnkit.errors import ConfigError, RunError
 from cnnkit.training.config import config_from_dict
 from cnnkit.training.rundir import read_state
 from cnnkit.training.train import configure_devices, train
@@ -230,6 +230,54 @@ def test_transfer_learning_runs_both_phases(tmp_path, data_root):
 
     model = keras.models.load_model(run_dir / "last.keras")
     assert model.get_layer("block5_conv1").trainable and not model.get_layer("block4_conv3").trainable
+
+
+def test_init_from_goes_straight_to_fine_tuning_the_source_model(tmp_path, data_root):
+    import keras
+
+    from cnnkit.training.models import create_model
+    from cnnkit.training.train import initialise_from
+
+    values = {
+        "name": "tiny_vgg", "dataset": "cats_and_dogs", "model": "vgg16_transfer",
+        "model_args": {"weights": "none", "num_classes": 1, "dense_units": 16},
+        "image_size": [32, 32], "validation_size": 32, "train_limit": 64, "test_limit": 64,
+        "epochs": 1, "batch_size": 32, "optimizer": "rmsprop", "learning_rate": 1e-4,
+        "monitor": "val_loss",
+    }
+    source = tmp_path / "frozen"
+    train(config_from_dict(values), run_dir=source, data_dir=data_root, verbose=0, evaluate=False)
+    with pytest.raises(ConfigError, match="0 is allowed only with init_from and fine_tune"):
+        config_from_dict({**values, "epochs": 0, "init_from": str(source)})
+
+    # The loaded weights are the source's, layer for layer.
+    fresh = create_model("vgg16_transfer", input_shape=(32, 32, 3), num_classes=1, weights="none", dense_units=16)
+    assert initialise_from(fresh, source) == source / "model.keras"
+    for expected, actual in zip(keras.models.load_model(source / "model.keras").get_weights(),
+                                fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(expected, actual)
+
+    tuned = tmp_path / "tuned"
+    recipe = config_from_dict({**values, "epochs": 0, "init_from": str(source),
+                               "fine_tune": {"from_layer": "block5_conv1", "epochs": 1}})
+    train(recipe, run_dir=tuned, data_dir=data_root, verbose=0, evaluate=False)
+    assert history_epochs(tuned) == [0]
+    model = keras.models.load_model(tuned / "model.keras")
+    assert model.get_layer("block5_conv1").trainable and not model.get_layer("block4_conv3").trainable
+    # Phase one was skipped: the frozen layers still hold the source's weights.
+    frozen = keras.models.load_model(source / "model.keras")
+    np.testing.assert_array_equal(model.get_layer("block1_conv1").get_weights()[0],
+                                  frozen.get_layer("block1_conv1").get_weights()[0])
+
+
+def test_init_from_a_different_architecture_names_the_mismatch(tmp_path, finished_run):
+    from cnnkit.training.models import create_model
+    from cnnkit.training.train import initialise_from
+
+    with pytest.raises(ConfigError, match="do not fit the model"):
+        initialise_from(create_model("lenet5", input_shape=(28, 28, 1), num_classes=5), finished_run)
+    with pytest.raises(ConfigError, match="does not exist"):
+        initialise_from(create_model("lenet5", input_shape=(28, 28, 1), num_classes=10), tmp_path / "nothing")
 
 
 def test_starting_over_an_existing_run_is_refused(finished_run, data_root):
