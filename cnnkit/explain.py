@@ -14,9 +14,13 @@ is upsampled bilinearly to the input size. The class score is the pre-activation
 sigmoid) output, not the probability: a confident prediction saturates the probability, whose
 gradient then vanishes and leaves an all-zero map.
 
-A filter pattern is the input that maximises one filter's mean activation: gradient ascent from a
+A filter pattern is the input that maximises one filter's mean response: gradient ascent from a
 grey image with a little noise, with the gradient divided by its root mean square at each step
 (40 steps of 1 grey level by default), then standardised for display, as the course does for VGG16.
+The response is the convolution's pre-activation (its output before the ReLU): a ReLU that is
+silent on the starting image has no gradient to climb, which left many tiles black, whereas the
+pre-activation moves with the input for every filter with non-zero weights. A filter whose response
+does not change at all is *dead* (all-zero weights, or only zero inputs reach it) and drawn black.
 All the requested filters of a layer are optimised together as one batch.
 
 The service computes both in a separate worker process (see :mod:`cnnkit.serving.explain`) so that
@@ -33,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cnnkit.errors import ExplainError
-from cnnkit.repository import FEATURE_MAPS_SIGNATURE, GRADCAM_SIGNATURE
+from cnnkit.repository import FEATURE_MAPS_SIGNATURE, FILTER_RESPONSES_SIGNATURE, GRADCAM_SIGNATURE
 
 PATTERN_STEPS = 40
 PATTERN_STEP_SIZE = 1.0
@@ -189,6 +193,47 @@ def default_gradcam_layer(model) -> str | None:
     return chosen[-1].name if chosen else None
 
 
+def pre_activation(layer, inputs):
+    """What a Keras convolution computes before its activation: ``Conv2D.call`` without the last step."""
+    from keras import ops
+
+    outputs = layer.convolution_op(inputs, layer.kernel)
+    if layer.use_bias:
+        outputs = ops.add(outputs, ops.reshape(layer.bias, (1,) * (len(outputs.shape) - 1) + (-1,)))
+    return outputs
+
+
+class FilterResponses:
+    """Every convolution layer's pre-activation for a batch of raw pixels, by layer name: what
+    filter patterns maximise. Exported as the ``filter_responses`` signature."""
+
+    def __init__(self, model):
+        import keras
+
+        self.layers = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+        if not self.layers:
+            raise ExplainError(f"Model {model.name} has no convolution layer.")
+        self.probe = keras.Model(model.inputs, [layer.input for layer in self.layers],
+                                 name=f"{model.name}_filter_inputs")
+        self.input_shape = tuple(int(size) for size in model.input_shape[1:])
+        self.specs = [tf_spec((None, *self.input_shape), "float32", "image")]
+
+    def __call__(self, image):
+        import tensorflow as tf
+
+        inputs = self.probe(image, training=False)
+        if not isinstance(inputs, list | tuple):
+            inputs = [inputs]
+        return {layer.name: tf.cast(pre_activation(layer, value), tf.float32)
+                for layer, value in zip(self.layers, inputs, strict=True)}
+
+
+def is_dead(before: float, after: float) -> bool:
+    """Whether gradient ascent left a filter's mean response where it was: no gradient at all, so
+    the input is unchanged and the response equal up to float32 rounding."""
+    return float(after) - float(before) <= 1e-6 * (1.0 + abs(float(before)))
+
+
 def tf_spec(shape, dtype: str, name: str):
     import tensorflow as tf
 
@@ -247,9 +292,9 @@ class FilterAscent:
 
     def run(self, filters: Sequence[int], *, seed: int = 0, batch_size: int = PATTERN_BATCH,
             progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The patterns (F, H, W, C) as uint8 and each filter's mean activation (F, 2) before and
-        after the ascent; a filter whose activation stays 0 (it never fires from any start) is
-        drawn black. ``progress`` is called with the number of filters done."""
+        """The patterns (F, H, W, C) as uint8 and each filter's mean response (F, 2) before and
+        after the ascent; a dead filter (:func:`is_dead`: the ascent could not move its response)
+        is drawn black. ``progress`` is called with the number of filters done."""
         import tensorflow as tf
 
         generator = np.random.default_rng(seed)
@@ -258,8 +303,9 @@ class FilterAscent:
         for start in range(0, len(chosen), batch_size):
             indices = tf.constant(np.asarray(chosen[start : start + batch_size], dtype=np.int32))
             shape = (int(indices.shape[0]), *self.input_shape)
-            # Grey with a little noise first. A ReLU filter that is silent there has no gradient to
-            # climb, so those filters start again from full-range noise, then from dark noise.
+            # Grey with a little noise first. Where the response is rectified (older exports have no
+            # pre-activations), a filter silent there has no gradient to climb, so those filters
+            # start again from full-range noise, then from dark noise.
             images = generator.random(shape, dtype=np.float32) * 20.0 + 128.0
             before = self.mean_activation(tf.constant(images), indices).numpy()
             for amplitude in (255.0, 40.0):
@@ -273,9 +319,10 @@ class FilterAscent:
                 before = np.where(better, response, before)
             result = self.ascend(tf.constant(images), indices)
             after = self.mean_activation(result, indices).numpy()
-            for image, value in zip(result.numpy(), after, strict=True):
-                # A filter that never fires shows as a black cell rather than as meaningless noise.
-                patterns.append(deprocess_pattern(image) if value > 0 else np.zeros(self.input_shape, np.uint8))
+            for image, first, last in zip(result.numpy(), before, after, strict=True):
+                # A dead filter shows as a black cell rather than as meaningless noise.
+                dead = is_dead(first, last)
+                patterns.append(np.zeros(self.input_shape, np.uint8) if dead else deprocess_pattern(image))
             gains.append(np.stack([before, after], axis=1))
             if progress is not None:
                 progress(int(indices.shape[0]))
@@ -398,5 +445,9 @@ class SavedModelExplainer(BaseExplainer):
         return {name: value.numpy() for name, value in outputs.items()}
 
     def _activations(self, layer):
+        # Versions exported before the filter_responses signature offer only the rectified maps.
+        if FILTER_RESPONSES_SIGNATURE in self.loaded.signatures:
+            responses = self.loaded.signatures[FILTER_RESPONSES_SIGNATURE]
+            return lambda images: responses(image=images)[layer]
         signature = self.loaded.signatures[FEATURE_MAPS_SIGNATURE]
         return lambda images: signature(image=images)[layer]

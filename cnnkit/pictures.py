@@ -1,7 +1,11 @@
 """Pictures of images and activations, with numpy, Pillow and matplotlib only (no TensorFlow).
 
 Feature-map grids, Grad-CAM overlays (jet, alpha 0.4, as the course draws them) and filter-pattern
-grids are all drawn here, so the toolkit and the service show the same pictures.
+grids are all drawn here, so the toolkit and the service show the same pictures. Each comes in two
+forms: the bare tiles (``feature_map_grid``, ``heatmap_overlay``, ``pattern_grid``), and the figure
+people look at, which explains itself (``feature_map_figure``, ``gradcam_figure``,
+``pattern_figure``): a title naming the model and layer, numbered tiles, and a colour scale or a
+legend. Text is drawn with Pillow's built-in scalable font, so the service needs no font files.
 
 The feature-map grid is drawn the course's way: each channel standardised on its own, scaled to
 a grey level around 128, clipped, then coloured with viridis, 16 channels to a row. The serving
@@ -10,10 +14,12 @@ side draws its grids with the same function, so the toolkit and the service show
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 CHANNELS_PER_ROW = 16
 
@@ -148,6 +154,202 @@ def feature_map_grid(
     rgb = _viridis_lut()[canvas]
     rgb[~filled] = (20, 20, 20)
     return Image.fromarray(rgb, mode="RGB")
+
+
+# Figures that explain themselves ------------------------------------------------------------------
+
+BACKGROUND = (255, 255, 255)
+INK = (20, 20, 20)
+DEAD_MARK = (230, 40, 40)
+TITLE_SIZE = 14
+LABEL_SIZE = 10
+MARGIN = 8
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans (shipped with matplotlib: it has ×, − and σ), else Pillow's built-in font."""
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(f"{matplotlib.get_data_path()}/fonts/ttf/DejaVuSans.ttf", size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
+
+
+def _text_size(text: str, size: int) -> tuple[int, int]:
+    left, top, right, bottom = _font(size).getbbox(text)
+    return int(right - left), int(bottom - min(top, 0))
+
+
+def _wrap(text: str, size: int, width: int) -> list[str]:
+    """Break ``text`` into lines no wider than ``width`` pixels (at word boundaries)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}".strip()
+            if line and _text_size(candidate, size)[0] > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def _text_block(lines: Sequence[str], size: int, width: int, *, spacing: int = 4) -> Image.Image:
+    """White band ``width`` wide holding ``lines`` (wrapped to fit), left-aligned with a margin."""
+    wrapped = [piece for line in lines for piece in _wrap(line, size, max(width - 2 * MARGIN, 40))]
+    line_height = _text_size("Ag", size)[1] + spacing
+    band = Image.new("RGB", (width, MARGIN + line_height * len(wrapped) + spacing), BACKGROUND)
+    draw = ImageDraw.Draw(band)
+    for index, line in enumerate(wrapped):
+        draw.text((MARGIN, MARGIN // 2 + index * line_height), line, fill=INK, font=_font(size))
+    return band
+
+
+def _stack(*parts: Image.Image) -> Image.Image:
+    """Images one under the other, centred, on white."""
+    width = max(part.width for part in parts)
+    canvas = Image.new("RGB", (width, sum(part.height for part in parts)), BACKGROUND)
+    top = 0
+    for part in parts:
+        canvas.paste(part, ((width - part.width) // 2, top))
+        top += part.height
+    return canvas
+
+
+def _pad(image: Image.Image, margin: int = MARGIN) -> Image.Image:
+    canvas = Image.new("RGB", (image.width + 2 * margin, image.height + 2 * margin), BACKGROUND)
+    canvas.paste(image, (margin, margin))
+    return canvas
+
+
+def colour_bar(lut: np.ndarray, ticks: Sequence[tuple[float, str]], caption: str, *,
+               width: int = 256, height: int = 12, caption_width: int = 420) -> Image.Image:
+    """A horizontal colour scale: ``lut`` (256, 3) left to right, ``ticks`` as (position 0..1, label)
+    under it, and a caption line under the ticks."""
+    positions = np.linspace(0, len(lut) - 1, width).round().astype(int)
+    strip = Image.fromarray(np.repeat(lut[positions][None], height, axis=0).astype(np.uint8), mode="RGB")
+    label_height = _text_size("0", LABEL_SIZE)[1]
+    side = 2 * MARGIN + 20
+    bar = Image.new("RGB", (width + 2 * side, height + label_height + 8), BACKGROUND)
+    bar.paste(strip, (side, 0))
+    draw = ImageDraw.Draw(bar)
+    draw.rectangle((side - 1, -1, side + width, height), outline=INK)
+    for position, label in ticks:
+        x = side + round(position * (width - 1))
+        draw.line((x, height, x, height + 3), fill=INK)
+        text_width = _text_size(label, LABEL_SIZE)[0]
+        draw.text((x - text_width // 2, height + 4), label, fill=INK, font=_font(LABEL_SIZE))
+    return _stack(bar, _text_block([caption], LABEL_SIZE, max(caption_width, bar.width)))
+
+
+def _number_tiles(grid: Image.Image, origins: Sequence[tuple[int, int]], labels: Sequence[str],
+                  marked: Sequence[bool] | None = None) -> Image.Image:
+    """Write each label in the top-left corner of its tile, on a dark box; marked tiles get a red
+    cross and a red label."""
+    picture = grid.copy()
+    draw = ImageDraw.Draw(picture)
+    font = _font(LABEL_SIZE)
+    for index, ((left, top), label) in enumerate(zip(origins, labels, strict=True)):
+        text_width, text_height = _text_size(label, LABEL_SIZE)
+        dead = bool(marked[index]) if marked is not None else False
+        draw.rectangle((left, top, left + text_width + 3, top + text_height + 2), fill=(0, 0, 0))
+        draw.text((left + 2, top), label, fill=DEAD_MARK if dead else (255, 255, 255), font=font)
+    return picture
+
+
+def _grid_origins(count: int, columns: int, cell: tuple[int, int], gap: int) -> list[tuple[int, int]]:
+    cell_height, cell_width = cell
+    return [((index % columns) * (cell_width + gap), (index // columns) * (cell_height + gap))
+            for index in range(count)]
+
+
+def feature_map_title(model: str, version: int | None, layer: str, activations: np.ndarray) -> str:
+    """``digits v1 · conv2 · 13×13×32``: what a grid shows (the version when there is one)."""
+    shape = np.asarray(activations).shape[-3:]
+    named = f"{model} v{version}" if version is not None else model
+    return f"{named} · {layer} · {'×'.join(str(int(size)) for size in shape)}"
+
+
+def feature_map_figure(activations: np.ndarray, *, title: str,
+                       channels_per_row: int = CHANNELS_PER_ROW) -> Image.Image:
+    """The feature-map grid with a title, each tile's channel number, and the colour scale.
+
+    Each channel is standardised on its own (:func:`standardize_channel`), so the colours read as
+    standard deviations from that channel's mean, the same for every tile.
+    """
+    array = np.asarray(activations)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    grid = feature_map_grid(array, channels_per_row=channels_per_row)
+    height, width, channels = array.shape
+    scale = display_scale(height, width, 48)
+    columns = min(channels_per_row, channels)
+    origins = _grid_origins(channels, columns, (height * scale, width * scale), 1)
+    numbered = _number_tiles(grid, origins, [str(index) for index in range(channels)])
+    heading = _text_block([title, f"{channels} channels, {height}×{width} each; numbers are channel indices"],
+                          TITLE_SIZE, numbered.width + 2 * MARGIN)
+    # standardize_channel maps mean ± 2 std to grey levels 0 and 255: the viridis ends.
+    scale_bar = colour_bar(_viridis_lut(), [(0.0, "−2σ"), (0.25, "−1σ"), (0.5, "mean"), (0.75, "+1σ"),
+                                            (1.0, "+2σ")],
+                           "Colour: the activation in standard deviations from its channel's mean "
+                           "(each channel scaled on its own; beyond ±2σ clipped).",
+                           caption_width=max(numbered.width, 420))
+    return _stack(heading, _pad(numbered), scale_bar)
+
+
+def gradcam_figure(image: np.ndarray, heatmap: np.ndarray, *, class_name: str, probability: float,
+                   layer: str, layer_shape: Sequence[int] | None = None, model: str = "",
+                   predicted: tuple[str, float] | None = None, alpha: float = 0.4) -> Image.Image:
+    """The Grad-CAM overlay with its caption (class, probability, layer) and the jet colour scale."""
+    overlay = heatmap_overlay(image, heatmap, alpha=alpha)
+    where = f"{layer} ({'×'.join(str(int(size)) for size in layer_shape)})" if layer_shape else layer
+    lines = [f"{class_name}: probability {probability:.1%}"]
+    if predicted is not None and predicted[0] != class_name:
+        lines.append(f"(predicted: {predicted[0]}, {predicted[1]:.1%})")
+    lines.append(f"Grad-CAM of {where}" + (f" in {model}" if model else ""))
+    width = max(overlay.width + 2 * MARGIN, 420)
+    caption = _text_block(lines, TITLE_SIZE, width)
+    scale_bar = colour_bar(_colour_lut("jet"), [(0.0, "0"), (0.5, "0.5"), (1.0, "1")],
+                           f"Colour: how much each place raised the score of {class_name!r}, "
+                           "relative to the strongest place.", width=200, caption_width=width)
+    return _stack(_pad(overlay), caption, scale_bar)
+
+
+def pattern_figure(patterns: np.ndarray, filters: Sequence[int], *, title: str,
+                   dead: Sequence[int] = (), columns: int = 8) -> Image.Image:
+    """Filter patterns with a title, each tile's filter number, and dead filters crossed out with a
+    legend saying what that means."""
+    array = np.asarray(patterns)
+    if len(filters) != len(array):
+        raise ValueError(f"{len(filters)} filter numbers for {len(array)} patterns.")
+    grid = pattern_grid(array, columns=columns)
+    height, width = array.shape[1:3]
+    scale = display_scale(height, width, 64)
+    columns = min(columns, len(array))
+    origins = _grid_origins(len(array), columns, (height * scale, width * scale), 2)
+    dead_set = {int(index) for index in dead}
+    marked = [int(index) in dead_set for index in filters]
+    numbered = _number_tiles(grid, origins, [str(int(index)) for index in filters], marked)
+    draw = ImageDraw.Draw(numbered)
+    for (left, top), is_dead in zip(origins, marked, strict=True):
+        if is_dead:
+            right, bottom = left + width * scale - 1, top + height * scale - 1
+            draw.line((left, top, right, bottom), fill=DEAD_MARK, width=2)
+            draw.line((left, bottom, right, top), fill=DEAD_MARK, width=2)
+    lines = [title, "Each tile: the input that most raises one filter's mean response "
+             "(gradient ascent from noise); numbers are filter indices."]
+    heading = _text_block(lines, TITLE_SIZE, max(numbered.width + 2 * MARGIN, 420))
+    if dead_set:
+        legend = (f"Crossed out in red ({len(dead_set)}): dead filters, whose response does not change "
+                  "with the input at all (all-zero weights, or every input to them is zero), so they "
+                  "have no pattern.")
+    else:
+        legend = "No dead filters: every filter responds to its input."
+    return _stack(heading, _pad(numbered), _text_block([legend], LABEL_SIZE + 1, heading.width))
 
 
 def to_png(image: Image.Image) -> bytes:

@@ -99,6 +99,8 @@ def check_metadata(metadata: dict[str, Any], where: str | os.PathLike) -> ModelM
 PREDICT_SIGNATURE = "serving_default"
 FEATURE_MAPS_SIGNATURE = "feature_maps"
 GRADCAM_SIGNATURE = "gradcam"
+# Each convolution's output before its activation, for filter patterns (cnnkit.explain.FilterResponses).
+FILTER_RESPONSES_SIGNATURE = "filter_responses"
 PREDICT_OUTPUTS = ("probabilities", "top_class")
 GRADCAM_OUTPUTS = ("heatmap", "coarse_heatmap", "class_index", "probabilities")
 # Names clients may use for the default signature.

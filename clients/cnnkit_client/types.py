@@ -115,7 +115,8 @@ class GradCam:
     """Where in one image the evidence for a class lies (Grad-CAM at the model's last conv layer).
 
     ``heatmap`` is (H, W) in [0, 1] at the model's input size; ``overlay_png`` is the PNG of the
-    heatmap in the jet colour map over the image; ``predicted`` is the model's top class.
+    heatmap in the jet colour map over the image, captioned with the class, its probability and the
+    layer, above the colour scale; ``predicted`` is the model's top class.
     """
 
     model: str
@@ -146,9 +147,11 @@ class GradCam:
 class FilterPatterns:
     """The input patterns that most excite each chosen filter of a conv layer.
 
-    ``grid_png`` tiles them, 8 to a row; ``mean_activation`` is (filters, 2): each filter's mean
-    activation before and after the gradient ascent; ``dead`` lists filters that never fired (drawn
-    black). ``patterns`` (filters, H, W, C) uint8 comes only when asked for with ``arrays=True``.
+    ``grid_png`` tiles them, 8 to a row, numbered, under a title; ``mean_activation`` is
+    (filters, 2): each filter's mean response (its convolution before the ReLU) before and after
+    the gradient ascent; ``dead`` lists filters whose response the input cannot move (all-zero
+    weights, or only zeros reach them), drawn black and crossed out. ``patterns`` (filters, H, W, C)
+    uint8 comes only when asked for with ``arrays=True``.
     ``cached`` says the service had computed them before.
     """
 

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from cnnkit.errors import InvalidInputError
-from cnnkit.pictures import feature_map_grid, heatmap_overlay, pattern_grid, to_png
+from cnnkit.pictures import feature_map_figure, feature_map_title, gradcam_figure, pattern_figure, to_png
 from cnnkit.repository import PREDICT_OUTPUTS
 from cnnkit.serving import metrics
 from cnnkit.serving.batching import Batching, MicroBatcher, ThreadBatcher
@@ -211,8 +211,10 @@ class InferenceCore:
         return {name: encode_array(value, dtype) for name, value in maps.items()}
 
     @staticmethod
-    def feature_map_pngs(maps: dict[str, np.ndarray]) -> dict[str, bytes]:
-        return {name: to_png(feature_map_grid(value)) for name, value in maps.items()}
+    def feature_map_pngs(model: LoadedModel, maps: dict[str, np.ndarray]) -> dict[str, bytes]:
+        """One titled grid per layer (channel numbers, colour scale), the toolkit's picture."""
+        return {name: to_png(feature_map_figure(value, title=feature_map_title(model.name, model.version, name, value)))
+                for name, value in maps.items()}
 
     def gradcam(self, model: LoadedModel, image: np.ndarray, class_name: str | None = None,
                 class_index: int | None = None, dtype: str = "float16") -> dict[str, Any]:
@@ -221,7 +223,10 @@ class InferenceCore:
         At most one of ``class_name`` and ``class_index`` (checked by the request models); the
         predicted class when neither is given."""
         result: GradCam = self.explanations.gradcam(model, image, class_name if class_name is not None else class_index)
-        overlay = heatmap_overlay(image, result.heatmap)
+        overlay = gradcam_figure(image, result.heatmap, class_name=result.class_name, probability=result.probability,
+                                 layer=result.layer, layer_shape=result.coarse_heatmap.shape,
+                                 model=f"{result.model} v{result.version}",
+                                 predicted=(result.predicted_name, result.predicted_probability))
         return {
             "model": result.model, "version": result.version, "layer": result.layer,
             "class_index": result.class_index, "class_name": result.class_name, "probability": result.probability,
@@ -239,7 +244,10 @@ class InferenceCore:
             "model": result.model, "version": result.version, "layer": result.layer, "steps": result.steps,
             "seed": result.seed, "filters": result.filters, "cached": result.cached, "dead": result.dead,
             "mean_activation": [[float(before), float(after)] for before, after in result.mean_activation],
-            "grid_png": base64.b64encode(to_png(pattern_grid(result.patterns))).decode("ascii"),
+            "grid_png": base64.b64encode(to_png(pattern_figure(
+                result.patterns, result.filters, dead=result.dead,
+                title=f"{result.model} v{result.version} · {result.layer} · filter patterns ({result.steps} steps)",
+            ))).decode("ascii"),
         }
         if arrays:
             answer["patterns"] = encode_array(result.patterns, "uint8")

@@ -41,6 +41,7 @@ from cnnkit.explain import (
     PATTERN_STEPS,
     check_conv_layer,
     check_filters,
+    is_dead,
     resolve_class,
 )
 from cnnkit.serving import explain_worker
@@ -82,8 +83,9 @@ class FilterPatterns:
 
     @property
     def dead(self) -> list[int]:
-        """Filters that never fired from any start (drawn black)."""
-        return [index for index, gain in zip(self.filters, self.mean_activation, strict=True) if gain[1] <= 0]
+        """Filters whose response the ascent could not move (drawn black; see cnnkit.explain.is_dead)."""
+        return [index for index, gain in zip(self.filters, self.mean_activation, strict=True)
+                if is_dead(gain[0], gain[1])]
 
 
 @dataclass

@@ -7,6 +7,8 @@
     confusion_matrix.png
     curves.png          loss and accuracy per epoch, training vs validation
     misclassified.png   a grid of misclassified test images, true and predicted labels
+    summary.png         the run on one page: headline figures, curves, confusion matrix, and a
+                        few misclassified images
     report.md           the same figures as a short Markdown page
 """
 
@@ -78,13 +80,22 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return history
 
 
-def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    return plt
+
+
+def _save(figure, path: Path, **options: Any) -> None:
+    atomic_save(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png", **options))
+    _pyplot().close(figure)
+
+
+def _draw_curves(axes, history: dict[str, list[float]]) -> None:
+    """Loss and accuracy per epoch, training vs validation, on two axes."""
     epochs = [int(epoch) + 1 for epoch in history.get("epoch", [])]
     for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for prefix, label in (("", "training"), ("val_", "validation")):
@@ -97,48 +108,9 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
         axis.set_title(metric)
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    atomic_save(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
-    plt.close(figure)
 
 
-def plot_misclassified(images: np.ndarray, true_names: list[str], predicted_names: list[str],
-                       probabilities: list[float], path: Path, title: str, columns: int = 8) -> None:
-    """Misclassified images in a grid, each captioned with its true class, the predicted class and
-    that prediction's probability, in a real font (names of any length stay readable)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count = len(images)
-    columns = max(1, min(columns, count))
-    rows = max(1, -(-count // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.25 * rows + 0.5), squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, image, true, predicted, probability in zip(axes.ravel(), images, true_names, predicted_names,
-                                                         probabilities, strict=False):
-        pixels = np.asarray(image)
-        axis.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=255)
-        axis.set_title(f"true: {true}\npred: {predicted} ({probability:.2f})", fontsize=8, color="firebrick")
-    if count == 0:
-        axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    atomic_save(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
-    plt.close(figure)
-
-
-def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(5.0, 0.6 * len(class_names) + 2)
-    figure, axis = plt.subplots(figsize=(size + 1, size))
+def _draw_confusion_matrix(figure, axis, matrix: np.ndarray, class_names: list[str], fontsize: float = 8) -> None:
     image = axis.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axis, fraction=0.046)
     ticks = range(len(class_names))
@@ -149,12 +121,99 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
     threshold = matrix.max() / 2 if matrix.size else 0
     for row in range(matrix.shape[0]):
         for column in range(matrix.shape[1]):
-            axis.text(column, row, str(matrix[row, column]), ha="center", va="center", fontsize=8,
+            axis.text(column, row, str(matrix[row, column]), ha="center", va="center", fontsize=fontsize,
                       color="white" if matrix[row, column] > threshold else "black")
+
+
+def _draw_misclassified(axes, images: np.ndarray, true_names: list[str], predicted_names: list[str],
+                        probabilities: list[float]) -> None:
+    for axis in axes:
+        axis.axis("off")
+    for axis, image, true, predicted, probability in zip(axes, images, true_names, predicted_names,
+                                                         probabilities, strict=False):
+        pixels = np.asarray(image)
+        axis.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=255)
+        axis.set_title(f"true: {true}\npred: {predicted} ({probability:.2f})", fontsize=8, color="firebrick")
+    if len(images) == 0 and len(axes):
+        axes[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+
+
+def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
+    figure, axes = _pyplot().subplots(1, 2, figsize=(11, 4))
+    _draw_curves(axes, history)
+    figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_misclassified(images: np.ndarray, true_names: list[str], predicted_names: list[str],
+                       probabilities: list[float], path: Path, title: str, columns: int = 8) -> None:
+    """Misclassified images in a grid, each captioned with its true class, the predicted class and
+    that prediction's probability, in a real font (names of any length stay readable)."""
+    count = len(images)
+    columns = max(1, min(columns, count))
+    rows = max(1, -(-count // columns))
+    figure, axes = _pyplot().subplots(rows, columns, figsize=(1.9 * columns, 2.25 * rows + 0.5), squeeze=False)
+    _draw_misclassified(list(axes.ravel()), images, true_names, predicted_names, probabilities)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
+    size = max(5.0, 0.6 * len(class_names) + 2)
+    figure, axis = _pyplot().subplots(figsize=(size + 1, size))
+    _draw_confusion_matrix(figure, axis, matrix, class_names)
     axis.set_title(title)
     figure.tight_layout()
-    atomic_save(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
-    plt.close(figure)
+    _save(figure, path)
+
+
+def plot_summary(metrics: dict[str, Any], history: dict[str, list[float]], misclassified: tuple, path: Path,
+                 shown: int = 8) -> None:
+    """The run on one page: headline figures, curves, confusion matrix and a few misclassified images.
+
+    ``misclassified`` is (images, true names, predicted names, probabilities), as for
+    :func:`plot_misclassified`; the first ``shown`` are drawn.
+    """
+    plt = _pyplot()
+    classes = len(metrics["class_names"])
+    figure = plt.figure(figsize=(18, 10.5))
+    grid = figure.add_gridspec(3, shown, height_ratios=[0.35, 3.2, 1.6], hspace=0.55, wspace=0.35)
+    # Headline: what was trained, how well, against the course, and the weakest classes.
+    head = figure.add_subplot(grid[0, :])
+    head.axis("off")
+    accuracy = metrics["test_accuracy"] * 100
+    course = metrics.get("course_accuracy")
+    weakest = sorted(metrics["per_class"], key=lambda row: row["recall"])[: min(3, classes)]
+    seconds = metrics.get("train_seconds")
+    lines = [
+        f"{metrics['recipe']} ({metrics['model']}, {metrics['parameters']:,} parameters): test accuracy "
+        f"{accuracy:.2f}% on {metrics['test_images']:,} images"
+        + (f"  (the course: {course * 100:.1f}%)" if course else ""),
+        f"epochs trained {metrics.get('epochs_trained')}, best epoch {metrics.get('best_epoch')}"
+        + (f", {seconds / 60:.1f} min of training" if seconds else "")
+        + "  ·  lowest recall: " + ", ".join(f"{row['class']} {row['recall'] * 100:.1f}%" for row in weakest),
+    ]
+    head.text(0.0, 1.0, lines[0], fontsize=15, weight="bold", va="top", transform=head.transAxes)
+    head.text(0.0, 0.1, lines[1], fontsize=11, va="top", transform=head.transAxes)
+    middle = grid[1, :].subgridspec(1, 3, width_ratios=[1, 1, 1.15], wspace=0.3)
+    if history:
+        _draw_curves([figure.add_subplot(middle[0, 0]), figure.add_subplot(middle[0, 1])], history)
+    else:
+        empty = figure.add_subplot(middle[0, :2])
+        empty.axis("off")
+        empty.text(0.5, 0.5, "no training history", ha="center", va="center")
+    confusion = figure.add_subplot(middle[0, 2])
+    _draw_confusion_matrix(figure, confusion, np.asarray(metrics["confusion_matrix"]), metrics["class_names"],
+                           fontsize=8 if classes <= 10 else 6)
+    confusion.set_title("confusion matrix (test)")
+    images, true_names, predicted_names, probabilities = misclassified
+    axes = [figure.add_subplot(grid[2, column]) for column in range(shown)]
+    _draw_misclassified(axes, images[:shown], true_names[:shown], predicted_names[:shown], probabilities[:shown])
+    figure.text(0.5, 0.31, f"misclassified test images (the first {min(shown, len(images))})", ha="center",
+                fontsize=11)
+    _save(figure, path, bbox_inches="tight", pad_inches=0.3)
 
 
 def _markdown_report(metrics: dict[str, Any]) -> str:
@@ -176,8 +235,8 @@ def _markdown_report(metrics: dict[str, Any]) -> str:
     for row in metrics["per_class"]:
         lines.append(f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | "
                      f"{row['f1']:.4f} | {row['support']} |")
-    lines += ["", "![curves](curves.png)", "", "![confusion matrix](confusion_matrix.png)", "",
-              "![misclassified](misclassified.png)", ""]
+    lines += ["", "![summary](summary.png)", "", "![curves](curves.png)", "",
+              "![confusion matrix](confusion_matrix.png)", "", "![misclassified](misclassified.png)", ""]
     return "\n".join(lines)
 
 
@@ -228,10 +287,12 @@ def evaluate_run(
     if history:
         plot_curves(history, output / "curves.png", config.name)
     wrong = np.flatnonzero(predictions != labels)[:max_misclassified]
-    plot_misclassified(dataset.x_test[wrong], [dataset.class_names[labels[i]] for i in wrong],
-                       [dataset.class_names[predictions[i]] for i in wrong],
-                       [float(probabilities[i, predictions[i]]) for i in wrong], output / "misclassified.png",
+    misclassified = (dataset.x_test[wrong], [dataset.class_names[labels[i]] for i in wrong],
+                     [dataset.class_names[predictions[i]] for i in wrong],
+                     [float(probabilities[i, predictions[i]]) for i in wrong])
+    plot_misclassified(*misclassified, output / "misclassified.png",
                        f"{config.name}: misclassified test images (first {len(wrong)})")
+    plot_summary(metrics, history, misclassified, output / "summary.png")
     atomic_write_json(run.metrics, metrics)
     atomic_write_text(output / "report.md", _markdown_report(metrics))
     accuracy = metrics["test_accuracy"]

@@ -22,6 +22,7 @@ from cnnkit.explain import (
     check_conv_layer,
     check_filters,
     default_gradcam_layer,
+    pre_activation,
 )
 from cnnkit.training.rundir import MODEL_FILE, RunDir, load_run_model
 
@@ -58,8 +59,9 @@ class KerasExplainer(BaseExplainer):
     def _activations(self, layer):
         import keras
 
-        probe = keras.Model(self.model.inputs, self.model.get_layer(layer).output)
-        return lambda images: probe(images, training=False)
+        conv = self.model.get_layer(layer)
+        probe = keras.Model(self.model.inputs, conv.input)
+        return lambda images: pre_activation(conv, probe(images, training=False))
 
 
 def open_explainer(source: str | Path) -> BaseExplainer:
@@ -101,14 +103,17 @@ def write_gradcam(source: str | Path, image_path: str | Path, target: int | str 
                   output: str | Path | None = None, layer: str | None = None) -> tuple[Path, GradCamResult]:
     """Grad-CAM of one image file: write the overlay PNG (and the heatmap as .npy beside it)."""
     from cnnkit.io import atomic_save, atomic_write_bytes
-    from cnnkit.pictures import heatmap_overlay
+    from cnnkit.pictures import gradcam_figure
     from cnnkit.training.feature_maps import load_image_for_model
 
     explainer = open_explainer(source)
     image = load_image_for_model(image_path, explainer.input_shape)
     result = explainer.gradcam(image, target, layer)
     path = Path(output) if output else Path(f"{Path(image_path).stem}_gradcam_{result.class_name}.png")
-    overlay = heatmap_overlay(image, result.heatmap)
+    predicted = explainer.class_names[result.predicted_index]
+    overlay = gradcam_figure(image, result.heatmap, class_name=result.class_name, probability=result.probability,
+                             layer=result.layer, layer_shape=result.coarse_heatmap.shape, model=explainer.name,
+                             predicted=(predicted, float(result.probabilities[result.predicted_index])))
     atomic_save(path, lambda temporary: overlay.save(temporary, format="PNG"))
     buffer = _npy_bytes(result.heatmap)
     atomic_write_bytes(path.with_suffix(".npy"), buffer)
@@ -121,8 +126,9 @@ def write_filter_patterns(source: str | Path, layer: str | None, filters: Sequen
     """Filter patterns of one convolution layer as a grid PNG; returns (path, filters, gains)."""
     from tqdm import tqdm
 
+    from cnnkit.explain import is_dead
     from cnnkit.io import atomic_save
-    from cnnkit.pictures import pattern_grid
+    from cnnkit.pictures import pattern_figure
 
     explainer = open_explainer(source)
     chosen_layer = check_conv_layer(layer, explainer.conv_layers, explainer.name)
@@ -131,7 +137,9 @@ def write_filter_patterns(source: str | Path, layer: str | None, filters: Sequen
         indices, patterns, gains = explainer.filter_patterns(chosen_layer, filters, steps=steps, seed=seed,
                                                              progress=bar.update)
     path = Path(output) if output else Path(f"{explainer.name}_{chosen_layer}_patterns.png")
-    grid = pattern_grid(patterns, columns=columns)
+    dead = [index for index, (before, after) in zip(indices, gains, strict=True) if is_dead(before, after)]
+    grid = pattern_figure(patterns, indices, dead=dead, columns=columns,
+                          title=f"{explainer.name} · {chosen_layer} · filter patterns ({steps} steps)")
     atomic_save(path, lambda temporary: grid.save(temporary, format="PNG"))
     return path, indices, gains
 

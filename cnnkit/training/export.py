@@ -10,6 +10,8 @@
   - ``gradcam`` (models with a convolution layer), also taking ``class_index`` (N,) int32, -1 for
     the predicted class → ``heatmap`` (N, H, W), ``coarse_heatmap``, ``class_index``,
     ``probabilities`` (see :mod:`cnnkit.training.explain`);
+  - ``filter_responses`` (models with a convolution layer) → each convolution's output before its
+    activation, named by the layer, which filter patterns maximise (see :mod:`cnnkit.explain`);
 
 * ``assets.extra/model.onnx``: the same graph with every one of those outputs, same names;
 * ``assets.extra/metadata.json``: classes, input, preprocessing, feature layers, the run's recipe
@@ -39,10 +41,11 @@ from typing import Any
 import numpy as np
 
 from cnnkit.errors import ExplainError, ExportError
-from cnnkit.explain import GRADCAM_SIGNATURE, GradCamGraph
+from cnnkit.explain import GRADCAM_SIGNATURE, FilterResponses, GradCamGraph
 from cnnkit.io import atomic_write_text, make_readable
 from cnnkit.repository import (
     EXTRA_DIR,
+    FILTER_RESPONSES_SIGNATURE,
     METADATA_FILE,
     MODELS_CONFIG,
     ONNX_FILE,
@@ -133,7 +136,16 @@ def gradcam_graph(model) -> GradCamGraph | None:
         return None
 
 
-def write_saved_model(graph: ServingGraph, path: Path, gradcam: GradCamGraph | None = None) -> None:
+def filter_responses_graph(model) -> FilterResponses | None:
+    """The pre-activations of every convolution layer, or None for a model without one."""
+    try:
+        return FilterResponses(model)
+    except ExplainError:
+        return None
+
+
+def write_saved_model(graph: ServingGraph, path: Path, gradcam: GradCamGraph | None = None,
+                      responses: FilterResponses | None = None) -> None:
     import keras
 
     archive = keras.export.ExportArchive()
@@ -143,6 +155,9 @@ def write_saved_model(graph: ServingGraph, path: Path, gradcam: GradCamGraph | N
     if gradcam is not None:
         archive.track(gradcam.probe)
         archive.add_endpoint(GRADCAM_SIGNATURE, gradcam.__call__, input_signature=gradcam.specs)
+    if responses is not None:
+        archive.track(responses.probe)
+        archive.add_endpoint(FILTER_RESPONSES_SIGNATURE, responses.__call__, input_signature=responses.specs)
     with contextlib.redirect_stdout(sys.stderr):  # ExportArchive prints a summary of endpoints.
         archive.write_out(str(path), verbose=False)
 
@@ -192,6 +207,31 @@ def check_gradcam_parity(gradcam: GradCamGraph, loaded, images: np.ndarray) -> d
         raise ExportError(f"Export verification failed: the SavedModel's Grad-CAM differs from Keras "
                           f"(max |difference| {difference:.3g} > {GRADCAM_TOLERANCE}).")
     return {"images": len(images), "max_difference": difference, "tolerance": GRADCAM_TOLERANCE}
+
+
+def check_filter_responses(responses: FilterResponses, graph: ServingGraph, loaded,
+                           images: np.ndarray) -> dict[str, Any]:
+    """The reloaded ``filter_responses`` signature against Keras, and each layer's activation of
+    its response against the ``feature_maps`` output (so the two signatures describe one model)."""
+    import tensorflow as tf
+
+    batch = tf.constant(np.asarray(images, dtype=np.float32))
+    reference = {name: np.asarray(value) for name, value in responses(batch).items()}
+    served = {name: value.numpy() for name, value in loaded.signatures[FILTER_RESPONSES_SIGNATURE](image=batch).items()}
+    maps = {name: value.numpy() for name, value in loaded.signatures["feature_maps"](image=batch).items()}
+    worst = 0.0
+    for layer in responses.layers:
+        if layer.name not in served:
+            raise ExportError(f"Export verification failed: filter_responses has no output {layer.name!r}.")
+        worst = max(worst, _max_difference(reference[layer.name], served[layer.name]))
+        if layer.name in maps:
+            activated = np.asarray(layer.activation(tf.constant(served[layer.name])))
+            worst = max(worst, _max_difference(activated, maps[layer.name]))
+    if not worst <= PARITY_TOLERANCE:
+        raise ExportError(f"Export verification failed: the SavedModel's filter responses differ from Keras "
+                          f"(max |difference| {worst:.3g} > {PARITY_TOLERANCE}).")
+    return {"images": len(images), "layers": len(responses.layers), "max_difference": worst,
+            "tolerance": PARITY_TOLERANCE}
 
 
 def check_parity(graph: ServingGraph, loaded, onnx_path: Path, images: np.ndarray) -> dict[str, Any]:
@@ -352,7 +392,8 @@ def export_run(
         version_dir = staging / "version"
         _log(f"writing the SavedModel of {run_path} ({len(graph.layers)} feature layers)")
         gradcam = gradcam_graph(model)
-        write_saved_model(graph, version_dir, gradcam)
+        responses = filter_responses_graph(model)
+        write_saved_model(graph, version_dir, gradcam, responses)
         _log(f"converting to ONNX (opset {ONNX_OPSET})")
         onnx_path = version_dir / EXTRA_DIR / ONNX_FILE
         write_onnx(graph, onnx_path)
@@ -365,6 +406,8 @@ def export_run(
         verification: dict[str, Any] = {"parity": parity}
         if gradcam is not None:
             verification["gradcam"] = check_gradcam_parity(gradcam, loaded, dataset.x_test[:8])
+        if responses is not None:
+            verification["filter_responses"] = check_filter_responses(responses, graph, loaded, dataset.x_test[:8])
         if check_accuracy:
             _log(f"recomputing the test accuracy through ONNX Runtime on {len(dataset.x_test)} images")
             accuracy = onnx_accuracy(onnx_path, dataset.x_test, dataset.y_test)
@@ -408,6 +451,7 @@ def export_run(
             "explain": {
                 "gradcam_layer": gradcam.layer if gradcam is not None else None,
                 "gradcam_signature": GRADCAM_SIGNATURE if gradcam is not None else None,
+                "filter_responses_signature": FILTER_RESPONSES_SIGNATURE if responses is not None else None,
             },
             "training": {
                 "run_dir": str(run_path.resolve()),

@@ -1,6 +1,7 @@
 """Feature maps of a trained model: the activations of its conv and pooling layers for one image.
 
-The grids are drawn by ``cnnkit.pictures.feature_map_grid``, which the service shares.
+The grids are drawn by ``cnnkit.pictures.feature_map_figure`` (titled, channels numbered, with the
+colour scale), which the service shares.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 
 from cnnkit.errors import RunError
 from cnnkit.io import atomic_save
-from cnnkit.pictures import feature_map_grid
+from cnnkit.pictures import feature_map_figure, feature_map_title
 from cnnkit.training.rundir import RunDir, load_run_model
 
 
@@ -66,7 +67,7 @@ def write_feature_map_grids(
     target = Path(output) if output else (model_path.parent / "feature_maps")
     written = []
     for name, activations in compute_feature_maps(model, image, layers).items():
-        grid = feature_map_grid(activations)
+        grid = feature_map_figure(activations, title=feature_map_title(model.name, None, name, activations))
         path = target / f"{Path(image_path).stem}_{name}.png"
         atomic_save(path, functools.partial(grid.save, format="PNG"))
         written.append(path)

@@ -61,7 +61,8 @@ def test_gradcam_through_the_worker_matches_the_saved_model(core, store, digit):
     heatmap = np.frombuffer(base64.b64decode(answer["heatmap"]["data"]), "<f4").reshape(answer["heatmap"]["shape"])
     assert heatmap.shape == (28, 28) and heatmap.min() >= 0 and heatmap.max() <= 1
     overlay = Image.open(io.BytesIO(base64.b64decode(answer["overlay_png"])))
-    assert overlay.size == (224, 224) and overlay.mode == "RGB"
+    # The overlay (224 px) with the toolkit's caption and colour scale under it.
+    assert overlay.size[0] >= 224 + 16 and overlay.size[1] >= 224 + 100 and overlay.mode == "RGB"
     # The same numbers as the SavedModel's gradcam signature called in this process.
     direct = SavedModelExplainer(model.path, model.metadata).gradcam(digit.astype(np.float32), 4)
     np.testing.assert_allclose(heatmap, direct.heatmap, atol=1e-6)
@@ -112,7 +113,9 @@ def test_filter_patterns_are_cached_per_filter_and_on_disk(core, store, explanat
     assert first["cached"] is False and first["filters"] == [0, 1, 2, 3]
     assert explanations.computed_filters == before + 4
     grid = Image.open(io.BytesIO(base64.b64decode(first["grid_png"])))
-    assert grid.size == (4 * 84 + 3 * 2, 84)
+    # Four 28 px patterns tripled, in a titled figure with a legend under them.
+    assert grid.size[0] >= 4 * 84 + 3 * 2 and grid.size[1] > 84 + 60
+    assert first["dead"] == []  # every conv1 filter of a trained model has a pattern
     assert len(first["mean_activation"]) == 4
     # Again: from the cache, the worker untouched, the same picture.
     again = core.filter_patterns(model, "conv1", 4, steps=10, arrays=True)

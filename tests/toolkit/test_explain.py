@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from cnnkit.explain import (
     SavedModelExplainer,
     check_conv_layer,
     check_filters,
+    is_dead,
     parse_filters,
     resolve_class,
 )
@@ -73,11 +75,11 @@ def blob():
 @pytest.fixture(scope="module")
 def blob_saved_model(blob, tmp_path_factory):
     """The blob model exported the way `cnnkit export` writes it (serving, feature maps, Grad-CAM)."""
-    from cnnkit.training.export import ServingGraph, gradcam_graph, write_saved_model
+    from cnnkit.training.export import ServingGraph, filter_responses_graph, gradcam_graph, write_saved_model
 
     path = tmp_path_factory.mktemp("blob") / "1"
     gradcam = gradcam_graph(blob)
-    write_saved_model(ServingGraph(blob), path, gradcam)
+    write_saved_model(ServingGraph(blob), path, gradcam, filter_responses_graph(blob))
     metadata = {
         "name": "blob", "version": 1, "class_names": ["blob", "empty"], "input": {"shape": [16, 16, 1]},
         "feature_layers": [{"name": name, "kind": "Conv2D", "output_shape": [16, 16, 4]}
@@ -181,6 +183,47 @@ def test_models_without_convolutions_are_refused():
         KerasExplainer(dense_only).filter_patterns(None)
 
 
+def keras_io_gradcam(image: np.ndarray, model, layer: str) -> np.ndarray:
+    """The keras-io Grad-CAM recipe (keras.io/examples/vision/grad_cam), written out as its guide
+    does: the head's softmax removed, the gradient of the top score with respect to the layer's
+    output, pooled over the image, weights the channels; ReLU, then divided by the maximum."""
+    import keras
+    import tensorflow as tf
+
+    original, model = model, keras.models.clone_model(model)
+    model.set_weights(original.get_weights())
+    model.layers[-1].activation = None
+    grad_model = keras.Model(model.inputs, [model.get_layer(layer).output, model.output])
+    with tf.GradientTape() as tape:
+        layer_output, predictions = grad_model(image[None])
+        top = tf.argmax(predictions[0])
+        class_channel = predictions[:, top]
+    gradients = tape.gradient(class_channel, layer_output)
+    pooled = tf.reduce_mean(gradients, axis=(0, 1, 2))
+    heatmap = tf.squeeze(layer_output[0] @ pooled[..., tf.newaxis])
+    return (tf.maximum(heatmap, 0) / tf.math.reduce_max(heatmap)).numpy()
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_gradcam_matches_the_keras_io_recipe(blob, layer):
+    image = blob_image() + np.random.default_rng(4).uniform(0, 60, (16, 16, 1)).astype(np.float32)
+    expected = keras_io_gradcam(image, blob, layer)
+    result = KerasExplainer(blob, ["blob", "empty"]).gradcam(image, layer=layer)
+    assert result.coarse_heatmap.shape == expected.shape
+    np.testing.assert_allclose(result.coarse_heatmap, expected, atol=1e-5)
+
+
+@pytest.mark.data
+def test_gradcam_matches_the_keras_io_recipe_on_a_trained_digits_model(tiny_digits_run, digit_file):
+    from cnnkit.training.feature_maps import load_image_for_model
+
+    explainer = open_explainer(tiny_digits_run)
+    image = load_image_for_model(digit_file, explainer.input_shape).astype(np.float32)
+    for layer in explainer.conv_layers[:2]:
+        result = explainer.gradcam(image, layer=layer)
+        np.testing.assert_allclose(result.coarse_heatmap, keras_io_gradcam(image, explainer.model, layer), atol=1e-5)
+
+
 def test_saved_model_signature_matches_keras(blob, blob_saved_model):
     path, metadata = blob_saved_model
     keras_result = KerasExplainer(blob, ["blob", "empty"]).gradcam(blob_image())
@@ -206,23 +249,58 @@ def test_saved_model_without_gradcam_says_to_export_again(blob, tmp_path):
 # Filter patterns -------------------------------------------------------------------------------------
 
 
-def test_filter_patterns_raise_each_filters_activation(blob, blob_saved_model):
+def test_filter_patterns_raise_each_filters_response(blob, blob_saved_model):
     explainer = KerasExplainer(blob, ["blob", "empty"])
     filters, patterns, gains = explainer.filter_patterns("conv2", [0, 1, 2, 3], steps=20)
     assert filters == [0, 1, 2, 3]
     assert patterns.shape == (4, 16, 16, 1) and patterns.dtype == np.uint8
     assert gains.shape == (4, 2)
-    live = gains[:, 1] > 0
-    assert live[0] and np.all(gains[live, 1] > gains[live, 0])
-    # Filter 1 has a bias of -5: it never fires, and is drawn black rather than as noise.
-    assert gains[1, 1] == 0 and not patterns[1].any()
+    # Filter 1 has all-zero weights (and a bias of -5): its response is -5 whatever the input, so it
+    # is dead and drawn black rather than as noise. Every other filter's response rises.
+    assert [is_dead(before, after) for before, after in gains] == [False, True, False, False]
+    np.testing.assert_allclose(gains[1], [-5.0, -5.0])
+    assert not patterns[1].any() and all(patterns[index].any() for index in (0, 2, 3))
+    assert np.all(gains[[0, 2, 3], 1] > gains[[0, 2, 3], 0])
     # The brightness filter is maximised by a bright image.
     assert patterns[0].mean() > 100
-    # The exported feature_maps signature gives the same patterns.
+    # The exported filter_responses signature gives the same patterns.
     path, metadata = blob_saved_model
     _, served, served_gains = SavedModelExplainer(path, metadata).filter_patterns("conv2", [0, 1, 2, 3], steps=20)
     assert np.abs(served.astype(int) - patterns.astype(int)).max() <= 1
     np.testing.assert_allclose(served_gains, gains, rtol=1e-4, atol=1e-5)
+
+
+def test_a_filter_that_never_fires_after_its_relu_still_has_a_pattern(blob):
+    """The ascent climbs the pre-activation: a filter whose ReLU is silent on every start (the
+    brightness filter with a bias of -1000) gets a pattern, where the rectified response gave none."""
+    import keras
+
+    model = keras.models.clone_model(blob)
+    model.set_weights(blob.get_weights())
+    kernel, bias = model.get_layer("conv2").get_weights()
+    bias[0] = -1000.0
+    model.get_layer("conv2").set_weights([kernel, bias])
+    explainer = KerasExplainer(model, ["blob", "empty"])
+    # The pre-activation is the convolution before its ReLU.
+    images = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 1)).astype(np.float32)
+    response = np.asarray(explainer._activations("conv2")(images))
+    probe = keras.Model(model.inputs, model.get_layer("conv2").output)
+    np.testing.assert_allclose(np.maximum(response, 0), np.asarray(probe(images)), atol=1e-5)
+    assert response[..., 0].max() < 0  # silent after the ReLU everywhere
+    _, patterns, gains = explainer.filter_patterns("conv2", [0], steps=20)
+    assert not is_dead(*gains[0]) and gains[0, 1] > gains[0, 0] and patterns[0].mean() > 100
+
+
+def test_an_export_without_filter_responses_falls_back_to_the_feature_maps(blob, tmp_path):
+    from cnnkit.training.export import ServingGraph, write_saved_model
+
+    write_saved_model(ServingGraph(blob), tmp_path / "1")
+    metadata = {"name": "blob", "version": 1, "class_names": ["blob", "empty"], "input": {"shape": [16, 16, 1]},
+                "feature_layers": [{"name": "conv2", "kind": "Conv2D", "output_shape": [16, 16, 4]}]}
+    _, _, gains = SavedModelExplainer(tmp_path / "1", metadata).filter_patterns("conv2", [0, 1], steps=5)
+    # The rectified response of the all-zero filter is 0 (its ReLU of -5), and dead all the same.
+    np.testing.assert_allclose(gains[1], [0.0, 0.0])
+    assert not is_dead(*gains[0]) and is_dead(*gains[1])
 
 
 def test_filter_patterns_are_reproducible_by_seed(blob):
@@ -278,7 +356,9 @@ def test_explain_command_from_a_run_and_from_the_repository(tiny_digits_run, dig
     out = tmp_path / "run.png"
     assert cli_main(["explain", str(tiny_digits_run), str(digit_file), "--class", "3", "--out", str(out)]) == 0
     assert "Grad-CAM of class '3'" in capsys.readouterr().err
-    assert Image.open(out).size == (224, 224)
+    # The overlay (enlarged to 224 px) with its caption and colour scale under it.
+    width, height = Image.open(out).size
+    assert width >= 224 + 16 and height >= 224 + 100
     from_run = np.load(out.with_suffix(".npy"))
     assert from_run.shape == (28, 28) and from_run.min() >= 0 and from_run.max() <= 1
     # The exported version's gradcam signature gives the same heatmap as the run's Keras model.
@@ -310,9 +390,10 @@ def test_filter_patterns_command(tiny_digits_run, tmp_path, capsys):
     out = tmp_path / "patterns.png"
     assert cli_main(["filter-patterns", str(tiny_digits_run), "--filters", "0-5", "--steps", "5",
                      "--out", str(out)]) == 0
-    assert "6 filters; mean activation raised" in capsys.readouterr().err
+    assert re.search(r"6 filters; mean response raised from \S+ to \S+; 0 dead", capsys.readouterr().err)
     width, height = Image.open(out).size
-    assert height == 84 and width == 6 * 84 + 5 * 2  # one row of six 28 px patterns, tripled
+    # One row of six 28 px patterns, tripled, with margins, a title above and a legend below.
+    assert width >= 6 * 84 + 5 * 2 and height > 84 + 60
     assert cli_main(["filter-patterns", str(tiny_digits_run), "--layer", "pool1"]) == 2
     assert "no convolution layer 'pool1'" in capsys.readouterr().err
 

@@ -71,7 +71,12 @@ def test_saved_model_signatures_have_our_names(exported):
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(exported.path))
-    assert set(loaded.signatures) == {"serving_default", "feature_maps", "gradcam"}
+    assert set(loaded.signatures) == {"serving_default", "feature_maps", "gradcam", "filter_responses"}
+    responses = loaded.signatures["filter_responses"]
+    assert set(responses.structured_outputs) == {"conv1", "conv2", "conv3"}  # LeNet-5's convolutions
+    metadata = exported.metadata
+    assert metadata["explain"]["filter_responses_signature"] == "filter_responses"
+    assert metadata["verification"]["filter_responses"]["max_difference"] <= 1e-4
     gradcam = loaded.signatures["gradcam"]
     assert set(gradcam.structured_input_signature[1]) == {"class_index", "image"}
     assert set(gradcam.structured_outputs) == {"heatmap", "coarse_heatmap", "class_index", "probabilities"}

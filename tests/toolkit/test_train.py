@@ -84,10 +84,14 @@ def test_short_training_run_beats_chance_and_writes_every_artefact(finished_run)
     assert metrics["epochs_trained"] == 2 and metrics["parameters"] == 61706
     assert len(metrics["per_class"]) == 10
     assert np.asarray(metrics["confusion_matrix"]).sum() == 500
-    for picture in ("confusion_matrix.png", "curves.png", "misclassified.png"):
+    for picture in ("confusion_matrix.png", "curves.png", "misclassified.png", "summary.png"):
         with Image.open(finished_run / "evaluation" / picture) as image:
             assert image.size[0] > 200 and image.size[1] > 200
+    # The contact sheet holds the curves, the matrix and a row of images: wide and tall.
+    with Image.open(finished_run / "evaluation" / "summary.png") as sheet:
+        assert sheet.size[0] > 1200 and sheet.size[1] > 700
     report = (finished_run / "evaluation" / "report.md").read_text()
+    assert "![summary](summary.png)" in report
     assert "test accuracy" in report.lower() and "| 9 |" in report
     assert history_epochs(finished_run) == [0, 1]
     data_summary = json.loads((finished_run / "data.json").read_text())

@@ -76,3 +76,72 @@ def test_misclassified_images_are_drawn_with_their_classes_in_a_real_font(tmp_pa
     assert drawn.format == "PNG" and drawn.size[0] >= 8 * 150 and drawn.size[1] >= 2 * 180
     plot_misclassified(images[:0], [], [], [], tmp_path / "none.png", "title")  # none wrong: still a picture
     assert Image.open(tmp_path / "none.png").format == "PNG"
+
+
+def _find(haystack: np.ndarray, needle: np.ndarray) -> tuple[int, int] | None:
+    """Where ``needle`` sits inside ``haystack`` (both H×W×3), or None."""
+    height, width = needle.shape[:2]
+    for top in range(haystack.shape[0] - height + 1):
+        for left in range(haystack.shape[1] - width + 1):
+            if np.array_equal(haystack[top : top + height, left : left + width], needle):
+                return top, left
+    return None
+
+
+def test_feature_map_figure_titles_numbers_and_scales_the_grid():
+    from cnnkit.pictures import feature_map_figure, feature_map_title
+
+    activations = np.random.default_rng(5).normal(size=(6, 6, 20)).astype(np.float32)
+    title = feature_map_title("digits", 3, "conv2", activations)
+    assert title == "digits v3 · conv2 · 6×6×20"
+    figure = np.asarray(feature_map_figure(activations, title=title))
+    grid = np.asarray(feature_map_grid(activations))
+    # The grid is in the figure, below a title band: its bottom rows are untouched by the numbers.
+    found = _find(figure, grid[-20:, :40])
+    assert found is not None
+    top = found[0] - (grid.shape[0] - 20)
+    assert top > 30
+    # Each tile's top-left corner carries its channel number on a black box.
+    assert tuple(figure[top + 1, found[1] + 1]) == (0, 0, 0)
+    # Under the grid, the colour scale runs through viridis from one end to the other.
+    below = figure[top + grid.shape[0] :]
+    viridis = _viridis_lut()
+    colours = {tuple(pixel) for pixel in below.reshape(-1, 3)}
+    assert tuple(viridis[0]) in colours and tuple(viridis[-1]) in colours
+
+
+def test_gradcam_figure_has_a_caption_and_a_jet_scale():
+    from cnnkit.pictures import _colour_lut, gradcam_figure, heatmap_overlay
+
+    image = np.full((28, 28, 1), 90, np.uint8)
+    heatmap = np.linspace(0, 1, 28 * 28, dtype=np.float32).reshape(28, 28)
+    figure = np.asarray(gradcam_figure(image, heatmap, class_name="7", probability=0.93, layer="conv2",
+                                       layer_shape=(10, 10), model="digits v1"))
+    overlay = np.asarray(heatmap_overlay(image, heatmap))
+    assert _find(figure[:240, :], overlay[:16, :16]) is not None
+    assert figure.shape[0] > overlay.shape[0] + 80  # caption lines and the colour scale
+    jet = _colour_lut("jet")
+    colours = {tuple(pixel) for pixel in figure[overlay.shape[0] + 16 :].reshape(-1, 3)}
+    assert tuple(jet[0]) in colours and tuple(jet[-1]) in colours
+    # Dark caption text is drawn under the overlay.
+    assert (figure[overlay.shape[0] + 10 : overlay.shape[0] + 40].sum(axis=2) < 200).any()
+
+
+def test_pattern_figure_crosses_out_dead_filters_and_says_why():
+    from cnnkit.pictures import DEAD_MARK, pattern_figure
+
+    patterns = np.random.default_rng(6).integers(0, 255, (4, 16, 16, 1)).astype(np.uint8)
+    patterns[2] = 0
+    with_dead = np.asarray(pattern_figure(patterns, [0, 5, 9, 11], dead=[9], title="t"))
+    without = np.asarray(pattern_figure(patterns, [0, 5, 9, 11], title="t"))
+    red = np.all(with_dead == DEAD_MARK, axis=2)
+    assert red.sum() > 100 and not np.all(without == DEAD_MARK, axis=2).any()
+    # The cross lies on the third tile only (cells enlarged to 64 px, 2 px gaps).
+    first = np.repeat(np.repeat(patterns[0], 4, axis=0), 4, axis=1)
+    found = _find(with_dead, np.repeat(first[-12:, -12:], 3, axis=2))
+    assert found is not None
+    grid_left = found[1] + 12 - 64
+    columns = np.nonzero(red.any(axis=0))[0]
+    assert columns.min() >= grid_left + 2 * 66 - 1 and columns.max() <= grid_left + 3 * 66  # 2 px lines
+    with pytest.raises(ValueError, match="3 filter numbers for 4 patterns"):
+        pattern_figure(patterns, [0, 1, 2], title="t")

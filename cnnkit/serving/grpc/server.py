@@ -302,7 +302,8 @@ class Extensions:
     def FeatureMapPngs(self, request: FeatureMapsJsonRequest) -> dict[str, Any]:  # noqa: N802
         model = self.core.model(request.model, request.version)
         pixels = decode_image(decode_base64(request.image_b64), model.input_shape, self.core.limits)
-        pngs = self.core.feature_map_pngs(self.core.feature_maps(model, pixels.astype(np.float32), request.layers))
+        maps = self.core.feature_maps(model, pixels.astype(np.float32), request.layers)
+        pngs = self.core.feature_map_pngs(model, maps)
         return {"model": model.name, "version": model.version,
                 "png": {name: base64.b64encode(png).decode("ascii") for name, png in pngs.items()}}
 

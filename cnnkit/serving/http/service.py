@@ -330,7 +330,7 @@ class Classifier:
         result: dict[str, Any] = {"model": served.name, "version": served.version}
         if request.output == "png":
             result["png"] = {name: base64.b64encode(png).decode()
-                             for name, png in self.core.feature_map_pngs(maps).items()}
+                             for name, png in self.core.feature_map_pngs(served, maps).items()}
         else:
             result["layers"] = self.core.feature_map_arrays(maps, request.dtype)
         return result
