@@ -74,6 +74,10 @@ class RecipeConfig:
     # shrinks every weight by learning_rate * weight_decay of itself. 0 turns it off.
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
+    # With the cosine schedule: the learning rate climbs linearly from 0 over this many epochs first.
+    warmup_epochs: int = 0
+    # The training target: 1 - s + s/k for the true class and s/k for the others (0: one-hot).
+    label_smoothing: float = 0.0
     early_stopping_patience: int = 0  # 0 disables early stopping
     monitor: str = "val_accuracy"
     steps_per_execution: int = 1
@@ -105,6 +109,14 @@ class RecipeConfig:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}.")
+        if self.warmup_epochs < 0 or (self.warmup_epochs and self.lr_schedule != "cosine"):
+            raise ConfigError(
+                f"warmup_epochs must be 0, or positive with lr_schedule: cosine; got {self.warmup_epochs}."
+            )
+        if self.warmup_epochs >= max(self.epochs, 1) and self.warmup_epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs}).")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if self.image_size is not None and len(self.image_size) != 2:
             raise ConfigError(f"image_size must be [height, width], got {self.image_size!r}.")
         if self.channels not in (1, 3):

@@ -126,6 +126,42 @@ def fashion_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10)
     return keras.Model(inputs, outputs, name="fashion_cnn")
 
 
+def _conv_block_stack(
+    inputs,
+    filters: Sequence[int],
+    convs_per_block: int,
+    batch_norm: bool,
+    l2: float,
+    dropouts: Sequence[float],
+):
+    """Blocks of 3x3 convolutions (ReLU, optional batch norm after each), a 2x2 max-pool and dropout
+    per block, then Flatten and a last dropout: ``conv1``, ``bn1``... ``pool1``, ``dropout1``...
+
+    ``dropouts`` has one rate per block and one before the classifier.
+    """
+    if len(dropouts) != len(filters) + 1:
+        raise ModelError(f"dropouts needs {len(filters) + 1} rates ({len(filters)} blocks, classifier), "
+                         f"got {list(dropouts)!r}.")
+    if convs_per_block < 1 or not filters or min(filters) < 1:
+        raise ModelError("conv blocks need at least one block of at least one convolution with filters >= 1.")
+    regularizer = keras.regularizers.L2(l2) if l2 else None
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    conv_index = 0
+    for block, width in enumerate(filters, start=1):
+        for _ in range(convs_per_block):
+            conv_index += 1
+            x = layers.Conv2D(
+                int(width), 3, padding="same", activation="relu",
+                kernel_regularizer=regularizer, name=f"conv{conv_index}",
+            )(x)
+            if batch_norm:
+                x = layers.BatchNormalization(name=f"bn{conv_index}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+        x = layers.Dropout(dropouts[block - 1], name=f"dropout{block}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    return layers.Dropout(dropouts[-1], name=f"dropout{len(filters) + 1}")(x)
+
+
 @register_model
 def cifar10_cnn(
     input_shape: Sequence[int] = (32, 32, 3),
@@ -142,25 +178,31 @@ def cifar10_cnn(
     shape = _check_shape(input_shape, minimum=8)
     if len(dropouts) != 4:
         raise ModelError(f"dropouts needs four rates (three blocks, classifier), got {dropouts!r}.")
-    regularizer = keras.regularizers.L2(l2) if l2 else None
     inputs = _image_input(shape)
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    conv_index = 0
-    for block, filters in enumerate((32, 64, 128), start=1):
-        for _ in range(2):
-            conv_index += 1
-            x = layers.Conv2D(
-                filters, 3, padding="same", activation="relu",
-                kernel_regularizer=regularizer, name=f"conv{conv_index}",
-            )(x)
-            if batch_norm:
-                x = layers.BatchNormalization(name=f"bn{conv_index}")(x)
-        x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
-        x = layers.Dropout(dropouts[block - 1], name=f"dropout{block}")(x)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dropout(dropouts[3], name="dropout4")(x)
+    x = _conv_block_stack(inputs, (32, 64, 128), 2, batch_norm, l2, dropouts)
     outputs = _classifier_head(x, num_classes)
     return keras.Model(inputs, outputs, name="cifar10_cnn_bn" if batch_norm else "cifar10_cnn")
+
+
+@register_model
+def conv_blocks(
+    input_shape: Sequence[int] = (32, 32, 3),
+    num_classes: int = 10,
+    filters: Sequence[int] = (64, 128, 256),
+    convs_per_block: int = 2,
+    batch_norm: bool = True,
+    l2: float = 5e-4,
+    dropouts: Sequence[float] = (0.1, 0.2, 0.3, 0.4),
+) -> keras.Model:
+    """The course's conv-block family, any width: ``cifar10_cnn`` with ``filters`` per block.
+
+    For 28×28 grey images (Fashion-MNIST) as for 32×32 colour ones; each block halves the size.
+    """
+    shape = _check_shape(input_shape, minimum=2 ** len(filters))
+    inputs = _image_input(shape)
+    x = _conv_block_stack(inputs, filters, convs_per_block, batch_norm, l2, dropouts)
+    outputs = _classifier_head(x, num_classes)
+    return keras.Model(inputs, outputs, name="conv_blocks")
 
 
 @register_model

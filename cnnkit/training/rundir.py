@@ -176,7 +176,9 @@ def load_run_model(path: str | os.PathLike[str]) -> keras.Model:
     """A ``.keras`` file of a run (final model or checkpoint), with the custom layers it may use."""
     import keras
 
-    # Importing cnnkit.training.models registers the custom layers (VGGPreprocess) for deserialisation.
+    # Importing cnnkit.training.models and .losses registers the custom layers (VGGPreprocess) and
+    # losses (label smoothing) for deserialisation.
+    import cnnkit.training.losses  # noqa: F401
     import cnnkit.training.models  # noqa: F401
 
     try:

@@ -98,17 +98,31 @@ def compile_model(
     *,
     schedule: str = "constant",
     decay_steps: int = 1,
+    warmup_steps: int = 0,
     steps_per_execution: int = 1,
     weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> None:
     rate: Any = learning_rate
     if schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, decay_steps))
+        if warmup_steps > 0:
+            # From 0 up to the learning rate over the warm-up, then the cosine over the rest.
+            rate = keras.optimizers.schedules.CosineDecay(
+                0.0, decay_steps=max(1, decay_steps - warmup_steps),
+                warmup_target=learning_rate, warmup_steps=warmup_steps,
+            )
+        else:
+            rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, decay_steps))
     if is_binary(model):
-        loss: Any = keras.losses.BinaryCrossentropy()
+        loss: Any = keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
         metrics: list[Any] = [keras.metrics.BinaryAccuracy(name="accuracy")]
     else:
-        loss = keras.losses.SparseCategoricalCrossentropy()
+        if label_smoothing:
+            from cnnkit.training.losses import SmoothedSparseCrossentropy
+
+            loss = SmoothedSparseCrossentropy(label_smoothing)
+        else:
+            loss = keras.losses.SparseCategoricalCrossentropy()
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     model.compile(
         optimizer=_optimizer(optimizer, rate, weight_decay),
@@ -116,6 +130,17 @@ def compile_model(
         metrics=metrics,
         steps_per_execution=steps_per_execution,
         jit_compile=_use_xla(),
+    )
+
+
+def compile_for_recipe(model: keras.Model, config: RecipeConfig, steps_per_epoch: int) -> None:
+    """Compile for the recipe's first phase: its optimizer, schedule, warm-up, decay and smoothing."""
+    compile_model(
+        model, config.optimizer, config.learning_rate,
+        schedule=config.lr_schedule, decay_steps=steps_per_epoch * config.epochs,
+        warmup_steps=steps_per_epoch * config.warmup_epochs,
+        steps_per_execution=config.steps_per_execution, weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
     )
 
 
@@ -354,11 +379,7 @@ def train(
             )
             if config.init_from:
                 initialise_from(model, config.init_from)
-            compile_model(
-                model, config.optimizer, config.learning_rate,
-                schedule=config.lr_schedule, decay_steps=steps_per_epoch * config.epochs,
-                steps_per_execution=config.steps_per_execution, weight_decay=config.weight_decay,
-            )
+            compile_for_recipe(model, config, steps_per_epoch)
     _trim_history(run.history, start_epoch)
     state.setdefault("started", _now())
     state.pop("finished", None)
@@ -374,9 +395,7 @@ def train(
             fitted, train_data, val_data = feature_data(
                 model, dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, config.batch_size,
                 load_settings().resolved_cache_dir, config.seed)
-            compile_model(fitted, config.optimizer, config.learning_rate, schedule=config.lr_schedule,
-                          decay_steps=steps_per_epoch * config.epochs,
-                          steps_per_execution=config.steps_per_execution, weight_decay=config.weight_decay)
+            compile_for_recipe(fitted, config, steps_per_epoch)
         checkpoint.saved_model = model
     callbacks = [
         # The history row is written (and flushed) before the checkpoint's state.json says the epoch
@@ -405,7 +424,7 @@ def train(
                 trainable = set_trainable_from(model, tune.from_layer)
                 compile_model(
                     model, tune.optimizer, tune.learning_rate,
-                    steps_per_execution=config.steps_per_execution,
+                    steps_per_execution=config.steps_per_execution, label_smoothing=config.label_smoothing,
                 )
             checkpoint.state["wait"] = 0
             print(f"[cnnkit] fine-tuning {', '.join(trainable)}", file=sys.stderr)

@@ -24,6 +24,9 @@ from cnnkit.training.models import (
         ("cifar10_cnn", {}, 307498),
         ("cifar10_cnn", {"batch_norm": True}, 309290),
         ("catsdogs_small", {}, 3453121),
+        # The recipes' wider blocks: Fashion-MNIST (28x28 grey) and CIFAR-10.
+        ("conv_blocks", {"input_shape": (28, 28, 1), "filters": (32, 64, 128)}, 299754),
+        ("conv_blocks", {"filters": (48, 96, 192)}, 678202),
     ],
 )
 def test_parameter_counts_match_the_course(name, arguments, parameters):
@@ -62,6 +65,17 @@ def test_unknown_model_lists_the_registry():
         create_model("resnet50")
     assert {"lenet5", "mnist_convnet", "fashion_cnn", "cifar10_cnn", "catsdogs_small",
             "vgg16_transfer"} <= set(list_models())
+
+
+def test_conv_blocks_share_cifar10_cnns_layer_names_and_check_their_rates():
+    same = create_model("conv_blocks", filters=(32, 64, 128), l2=1e-4, dropouts=(0.2, 0.2, 0.2, 0.4))
+    course = create_model("cifar10_cnn", batch_norm=True)
+    assert [layer.name for layer in same.layers] == [layer.name for layer in course.layers]
+    assert same.count_params() == course.count_params()
+    with pytest.raises(ModelError, match="dropouts needs 3 rates"):
+        create_model("conv_blocks", filters=(8, 16), dropouts=(0.1, 0.1))
+    with pytest.raises(ModelError, match="too small"):
+        create_model("conv_blocks", input_shape=(4, 4, 1), filters=(8, 16, 32))
 
 
 def test_bad_builder_arguments_are_a_model_error():

@@ -284,6 +284,26 @@ def test_init_from_a_different_architecture_names_the_mismatch(tmp_path, finishe
         initialise_from(create_model("lenet5", input_shape=(28, 28, 1), num_classes=10), tmp_path / "nothing")
 
 
+def test_label_smoothing_and_warm_up_train_save_and_resume(tmp_path, data_root):
+    import keras
+
+    from cnnkit.training.losses import SmoothedSparseCrossentropy
+    from cnnkit.training.rundir import load_run_model
+
+    run_dir = tmp_path / "smooth"
+    recipe = tiny_recipe(epochs=2, lr_schedule="cosine", warmup_epochs=1, label_smoothing=0.1)
+    train(recipe, run_dir=run_dir, data_dir=data_root, verbose=0, evaluate=False)
+    model = load_run_model(run_dir / "last.keras")  # the registered loss comes back with it
+    assert isinstance(model.loss, SmoothedSparseCrossentropy) and model.loss.label_smoothing == pytest.approx(0.1)
+    schedule = model.optimizer._learning_rate
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
+    steps = 2000 // 64 + 1  # one epoch of warm-up
+    assert float(schedule(0)) == 0.0 and float(schedule(steps // 2)) == pytest.approx(0.0015, rel=0.05)
+    assert float(schedule(steps)) == pytest.approx(0.003, rel=1e-3) and float(schedule(2 * steps)) < 1e-5
+    train(run_dir=run_dir, data_dir=data_root, resume=True, epochs=3, verbose=0, evaluate=False)
+    assert history_epochs(run_dir) == [0, 1, 2]
+
+
 def test_starting_over_an_existing_run_is_refused(finished_run, data_root):
     with pytest.raises(RunError, match="already holds a run: pass --resume"):
         train(tiny_recipe(), run_dir=finished_run, data_dir=data_root, verbose=0)
