@@ -59,6 +59,9 @@ from cnnkit.repository import (
 
 ONNX_OPSET = 17
 PARITY_IMAGES = 32
+# Outputs agree within PARITY_TOLERANCE times the output's own scale (its largest magnitude, at least
+# 1): probabilities within 1e-4, and a VGG16 feature map whose values reach 2,000 within 0.2, which
+# is float32 rounding over sums of thousands of terms (ImageNet weights: up to 0.005 measured).
 PARITY_TOLERANCE = 1e-4
 ACCURACY_TOLERANCE = 0.001  # 0.1 percentage point
 GRADCAM_TOLERANCE = 1e-3  # heatmaps lie in [0, 1]
@@ -189,6 +192,13 @@ def onnx_session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def allowed_difference(expected: np.ndarray) -> float:
+    """The largest |difference| accepted for an output: PARITY_TOLERANCE relative to its scale."""
+    values = np.asarray(expected, np.float64)
+    scale = float(np.abs(values).max()) if values.size else 0.0
+    return PARITY_TOLERANCE * max(1.0, scale)
+
+
 def _max_difference(first: np.ndarray, second: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(first, np.float64) - np.asarray(second, np.float64))))
 
@@ -219,18 +229,19 @@ def check_filter_responses(responses: FilterResponses, graph: ServingGraph, load
     reference = {name: np.asarray(value) for name, value in responses(batch).items()}
     served = {name: value.numpy() for name, value in loaded.signatures[FILTER_RESPONSES_SIGNATURE](image=batch).items()}
     maps = {name: value.numpy() for name, value in loaded.signatures["feature_maps"](image=batch).items()}
-    worst = 0.0
+    worst = 0.0  # the largest difference relative to what its output allows
     for layer in responses.layers:
         if layer.name not in served:
             raise ExportError(f"Export verification failed: filter_responses has no output {layer.name!r}.")
-        worst = max(worst, _max_difference(reference[layer.name], served[layer.name]))
+        expected = reference[layer.name]
+        worst = max(worst, _max_difference(expected, served[layer.name]) / allowed_difference(expected))
         if layer.name in maps:
             activated = np.asarray(layer.activation(tf.constant(served[layer.name])))
-            worst = max(worst, _max_difference(activated, maps[layer.name]))
-    if not worst <= PARITY_TOLERANCE:
+            worst = max(worst, _max_difference(activated, maps[layer.name]) / allowed_difference(maps[layer.name]))
+    if not worst <= 1.0:
         raise ExportError(f"Export verification failed: the SavedModel's filter responses differ from Keras "
-                          f"(max |difference| {worst:.3g} > {PARITY_TOLERANCE}).")
-    return {"images": len(images), "layers": len(responses.layers), "max_difference": worst,
+                          f"({worst:.3g} times the tolerance of {PARITY_TOLERANCE} of each output's scale).")
+    return {"images": len(images), "layers": len(responses.layers), "max_difference_in_tolerances": worst,
             "tolerance": PARITY_TOLERANCE}
 
 
@@ -249,7 +260,9 @@ def check_parity(graph: ServingGraph, loaded, onnx_path: Path, images: np.ndarra
     names = [output.name for output in session.get_outputs()]
     onnx_outputs = dict(zip(names, session.run(names, {"image": batch}), strict=True))
 
-    report: dict[str, Any] = {"images": len(batch), "tolerance": PARITY_TOLERANCE, "outputs": {}}
+    report: dict[str, Any] = {"images": len(batch), "tolerance": PARITY_TOLERANCE,
+                              "tolerance_is": "relative to each output's largest magnitude (at least 1)",
+                              "outputs": {}}
     problems = []
     for name, expected in reference.items():
         if name == "top_class":
@@ -262,9 +275,11 @@ def check_parity(graph: ServingGraph, loaded, onnx_path: Path, images: np.ndarra
                 problems.append(f"{runtime} {name}: shape {outputs[name].shape} != {expected.shape}")
                 continue
             difference = _max_difference(expected, outputs[name])
+            allowed = allowed_difference(expected)
             report["outputs"].setdefault(name, {})[runtime] = difference
-            if not difference <= PARITY_TOLERANCE:
-                problems.append(f"{runtime} {name}: max |difference| {difference:.3g} > {PARITY_TOLERANCE}")
+            report.setdefault("allowed", {})[name] = allowed
+            if not difference <= allowed:
+                problems.append(f"{runtime} {name}: max |difference| {difference:.3g} > {allowed:.3g}")
     top = reference["probabilities"].argmax(axis=-1)
     for runtime, outputs in (("saved_model", served), ("onnx", onnx_outputs)):
         if "top_class" in outputs and not np.array_equal(outputs["top_class"], top):
