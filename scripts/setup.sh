@@ -11,8 +11,12 @@ if [ ! -x .venv/bin/python ]; then
     "$python_bin" -m venv .venv
 fi
 stamp=.venv/.cnnkit-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e ".[export,serving,loadtest,dev]"
+    # Triton's client, for the Open Inference Protocol conformance tests: its pins (protobuf<7,
+    # ml-dtypes<=0.5.4) clash with TensorFlow's, so it comes without its dependencies; what it
+    # imports is already here but python-rapidjson.
+    .venv/bin/python -m pip install --quiet --no-deps tritonclient==2.73.0 python-rapidjson==1.25
     touch "$stamp"
 fi

@@ -2,9 +2,10 @@
 
 Implements ``tensorflow.serving.PredictionService`` (Predict with ``output_filter`` and the
 ``serving_default`` / ``feature_maps`` signatures, Classify for image classifiers,
-GetModelMetadata), ``tensorflow.serving.ModelService.GetModelStatus``, ``grpc.health.v1`` and the
-JSON extensions of :class:`Extensions`. Unknown models, versions and signatures answer with TF
-Serving's status codes and messages.
+GetModelMetadata), ``tensorflow.serving.ModelService.GetModelStatus``, ``grpc.health.v1``, the
+JSON extensions of :class:`Extensions`, and the Open Inference Protocol's
+``inference.GRPCInferenceService`` (:mod:`cnnkit.serving.grpc.v2`). Unknown models, versions and
+signatures answer with TF Serving's status codes and messages.
 
 The messages are the SDK's wire-compatible copies of TF Serving's protos
 (``cnnkit_client.protos.tfs``: the same package names, so the same method paths and type URLs),
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # feature maps of a batch exceed gRPC's 4 MB default
 EXTENSION_SERVICE = "cnnkit.v1.Extensions"
 HEALTH_SERVICE_NAMES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
-                        EXTENSION_SERVICE)
+                        EXTENSION_SERVICE, "inference.GRPCInferenceService")
 IMAGE_FEATURE_KEYS = ("image/encoded", "image", "image_bytes")
 _DATA_TYPES = {"float32": types_pb2.DT_FLOAT, "int64": types_pb2.DT_INT64}
 
@@ -377,6 +378,9 @@ def build_server(core: InferenceCore, *, host: str = "127.0.0.1", port: int = 85
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(core), server)
+    from cnnkit.serving.grpc import v2  # the Open Inference Protocol beside TF Serving's API
+
+    v2.add_to_server(core, server)
     server.add_generic_rpc_handlers(tuple(
         grpc.method_handlers_generic_handler(service, {name: _unimplemented(message)
                                                        for name, message in methods.items()})

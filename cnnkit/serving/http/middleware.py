@@ -11,7 +11,7 @@ import json
 
 from cnnkit.serving.auth import key_matches, presented_key
 
-OPEN_HTTP_PATHS = ("/livez", "/readyz", "/healthz")
+OPEN_HTTP_PATHS = ("/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready")
 
 
 class ApiKeyMiddleware:
@@ -39,6 +39,21 @@ async def _send_json(send, status: int, message: str, extra_headers: list[tuple[
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()), *(extra_headers or [])]})
     await send({"type": "http.response.body", "body": body})
+
+
+class MountRootMiddleware:
+    """Serve a mounted app's root without the trailing slash (``GET /v2``: the Open Inference
+    Protocol's server metadata), which Starlette would otherwise answer with a redirect that
+    clients like tritonclient do not follow."""
+
+    def __init__(self, app, roots: tuple[str, ...] = ("/v2",)):
+        self.app = app
+        self.roots = roots
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in self.roots:
+            scope = {**scope, "path": scope["path"] + "/", "raw_path": (scope["path"] + "/").encode()}
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -43,9 +43,11 @@ from cnnkit.serving.http.errors import error_response  # noqa: E402
 from cnnkit.serving.http.middleware import (  # noqa: E402
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    MountRootMiddleware,
     ValidationAnswerMiddleware,
 )
 from cnnkit.serving.http.rest import build_models_app, build_tf_serving_app  # noqa: E402
+from cnnkit.serving.http.v2 import build_v2_app  # noqa: E402
 from cnnkit.serving.inputs import check_count, decode_base64, decode_image, decode_images, tensor_from_json  # noqa: E402
 from cnnkit.serving.logs import RequestIdMiddleware, configure_logging  # noqa: E402
 from cnnkit.serving.model_store import ModelStore, RepositoryPoller  # noqa: E402
@@ -189,6 +191,7 @@ def _current_core() -> InferenceCore:
 
 
 @bentoml.asgi_app(build_tf_serving_app(_current_core), path="/v1")
+@bentoml.asgi_app(build_v2_app(_current_core), path="/v2")
 @bentoml.asgi_app(build_models_app(_current_core), path="/models")
 @bentoml.service(
     name="cnnkit",
@@ -395,6 +398,7 @@ Classifier.__class__ = _DocumentedService  # type: ignore[method-assign]
 # access line, and CORS preflights are answered before the API key is asked for.
 Classifier.add_asgi_middleware(RequestIdMiddleware, access_log=SETTINGS.access_log)  # type: ignore[attr-defined]
 Classifier.add_asgi_middleware(ValidationAnswerMiddleware)  # type: ignore[attr-defined]
+Classifier.add_asgi_middleware(MountRootMiddleware)  # type: ignore[attr-defined]
 if SETTINGS.cors_origins:
     from starlette.middleware.cors import CORSMiddleware
 

@@ -1,0 +1,1 @@
+"""The Open Inference Protocol's (KServe / Triton "v2") gRPC messages (generated; see regen.sh)."""
