@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from cnnkit_client import _v2
 from cnnkit_client._methods import AsyncMethods, SyncMethods
 from cnnkit_client._plan import Plan
 from cnnkit_client.errors import CnnkitError, InvalidInputError, ServerError, from_grpc_code
@@ -48,6 +49,7 @@ EXTENSIONS = "/cnnkit.v1.Extensions/"
 CLASSIFY = "/tensorflow.serving.PredictionService/Classify"
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+V2_SERVICE = "/inference.GRPCInferenceService/"
 IMAGE_FEATURE = "image/encoded"
 
 T = TypeVar("T")
@@ -93,9 +95,10 @@ def _rpc_error(error: grpc.RpcError, target: str) -> CnnkitError:
 
 class _GrpcApi:
     def __init__(self, target: str, *, api_key: str | None, timeout: float | None, retry: Retry,
-                 max_images_per_request: int):
+                 max_images_per_request: int, protocol: str = "cnnkit"):
         if max_images_per_request < 1:
             raise ValueError("max_images_per_request must be at least 1.")
+        self.protocol = _v2.check_protocol(protocol)
         self.target = target
         self.timeout = timeout
         self.default_timeout = timeout
@@ -130,6 +133,8 @@ class _GrpcApi:
         if top_k < 1:
             raise InvalidInputError(f"top_k must be at least 1, got {top_k}.")
         encoded, single = encode_images(images)
+        if self.protocol == "v2":
+            return self._v2_predict_plan(encoded, single, model, version, top_k)
         calls = []
         for chunk in chunks(encoded, self.max_images_per_request):
             request = classification_pb2.ClassificationRequest()
@@ -159,9 +164,61 @@ class _GrpcApi:
 
         return Plan(calls, finish)
 
+    @staticmethod
+    def _v2_infer_request(model: str, version: int | None, encoded: Sequence[bytes], outputs: Sequence[str],
+                          classification: int | None = None) -> Any:
+        from cnnkit_client.protos.v2 import grpc_service_pb2
+
+        request = grpc_service_pb2.ModelInferRequest(model_name=model,
+                                                     model_version=str(version) if version is not None else "")
+        request.inputs.add(name="image", datatype="BYTES", shape=[len(encoded)])
+        request.raw_input_contents.append(_v2.encode_bytes_elements(encoded))
+        for name in outputs:
+            output = request.outputs.add(name=name)
+            if classification is not None:
+                output.parameters["classification"].int64_param = classification
+        return request
+
+    def _v2_predict_plan(self, encoded: list[bytes], single: bool, model: str, version: int | None,
+                         top_k: int) -> Plan[Prediction | list[Prediction]]:
+        """The Open Inference Protocol's ModelInfer: BYTES images in, the classification extension out."""
+        from cnnkit_client.protos.v2 import grpc_service_pb2
+
+        calls = [_Call(V2_SERVICE + "ModelInfer",
+                       self._v2_infer_request(model, version, chunk, ["probabilities"], classification=top_k),
+                       grpc_service_pb2.ModelInferResponse.FromString)
+                 for chunk in chunks(encoded, self.max_images_per_request)]
+
+        def finish(responses: list[Any]) -> Prediction | list[Prediction]:
+            predictions = []
+            for response in responses:
+                elements = _v2.bytes_elements(response.raw_output_contents[0])
+                predictions += _v2.predictions(response.model_name, response.model_version,
+                                               _v2.rows_of(elements, list(response.outputs[0].shape)))
+            return predictions[0] if single else predictions
+
+        return Plan(calls, finish)
+
     def _feature_maps_plan(self, image: ImageLike, model: str, layers: Sequence[str] | None, version: int | None,
                            as_png: bool) -> Plan[FeatureMaps]:
         data = encode_image(image)
+        if self.protocol == "v2" and not as_png:  # the protocol has no pictures: PNG grids are cnnkit's
+            from cnnkit_client.protos.v2 import grpc_service_pb2
+
+            def infer(info: ModelInfo) -> Plan[FeatureMaps]:
+                names = list(layers) if layers is not None else list(info.default_layers)
+                request = self._v2_infer_request(info.name, info.version, [data], names)
+
+                def arrays(responses: list[Any]) -> FeatureMaps:
+                    response = responses[0]
+                    maps = {output.name: _v2.array_from_raw(raw, output.datatype, list(output.shape))[0]
+                            for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)}
+                    return FeatureMaps(response.model_name, int(response.model_version), maps)
+
+                return Plan([_Call(V2_SERVICE + "ModelInfer", request, grpc_service_pb2.ModelInferResponse.FromString)],
+                            arrays)
+
+            return self._with_info(model, version, infer)
         if as_png:
             body = {"model": model, "version": version, "layers": list(layers) if layers is not None else None,
                     "image_b64": base64.b64encode(data).decode("ascii")}
@@ -212,6 +269,18 @@ class _GrpcApi:
         return Plan([self._describe_call(model, version)], lambda answers: answers[0])
 
     def _health_plan(self) -> Plan[Health]:
+        if self.protocol == "v2":
+            from cnnkit_client.protos.v2 import grpc_service_pb2
+
+            def readiness(answers: list[Any]) -> Health:
+                live, ready = answers[0].live, answers[1].ready
+                return Health(live=live, ready=ready, detail="" if ready else "the service is not serving yet")
+
+            return Plan([_Call(V2_SERVICE + "ServerLive", grpc_service_pb2.ServerLiveRequest(),
+                               grpc_service_pb2.ServerLiveResponse.FromString),
+                         _Call(V2_SERVICE + "ServerReady", grpc_service_pb2.ServerReadyRequest(),
+                               grpc_service_pb2.ServerReadyResponse.FromString)], readiness)
+
         def finish(answers: list[Any]) -> Health:
             ready = answers[0] == 1
             return Health(live=True, ready=ready, detail="" if ready else "the service is not serving yet")
@@ -227,15 +296,16 @@ class GrpcClient(_GrpcApi, SyncMethods):
     """A synchronous client of cnnkit's gRPC API (TF Serving's protocol plus cnnkit's extensions).
 
     ``credentials`` (``grpc.ssl_channel_credentials(...)``) makes a TLS channel; ``channel`` lets
-    tests or apps pass their own.
+    tests or apps pass their own. ``protocol="v2"`` sends predictions, feature maps and health
+    checks through the Open Inference Protocol's ``inference.GRPCInferenceService`` instead.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None,
                  timeout: float | None = DEFAULT_TIMEOUT, retry: Retry | None = None,
                  max_images_per_request: int = 32, credentials: grpc.ChannelCredentials | None = None,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, protocol: str = "cnnkit"):
         super().__init__(target, api_key=api_key, timeout=timeout, retry=retry or Retry(),
-                         max_images_per_request=max_images_per_request)
+                         max_images_per_request=max_images_per_request, protocol=protocol)
         if channel is not None:
             self._channel = channel
         elif credentials is not None:
@@ -267,9 +337,10 @@ class AsyncGrpcClient(_GrpcApi, AsyncMethods):
 
     def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None,
                  timeout: float | None = DEFAULT_TIMEOUT, retry: Retry | None = None,
-                 max_images_per_request: int = 32, credentials: grpc.ChannelCredentials | None = None):
+                 max_images_per_request: int = 32, credentials: grpc.ChannelCredentials | None = None,
+                 protocol: str = "cnnkit"):
         super().__init__(target, api_key=api_key, timeout=timeout, retry=retry or Retry(),
-                         max_images_per_request=max_images_per_request)
+                         max_images_per_request=max_images_per_request, protocol=protocol)
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
 

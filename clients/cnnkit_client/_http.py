@@ -14,7 +14,9 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import numpy as np
 
+from cnnkit_client import _v2
 from cnnkit_client._methods import AsyncMethods, SyncMethods
 from cnnkit_client._plan import Plan
 from cnnkit_client.errors import (
@@ -101,9 +103,10 @@ class _Api:
     """Request building and answer parsing shared by ``Client`` and ``AsyncClient``."""
 
     def __init__(self, url: str, *, api_key: str | None, timeout: float | None, retry: Retry,
-                 max_images_per_request: int):
+                 max_images_per_request: int, protocol: str = "cnnkit"):
         if max_images_per_request < 1:
             raise ValueError("max_images_per_request must be at least 1.")
+        self.protocol = _v2.check_protocol(protocol)
         self.url = url.rstrip("/")
         self.retry = retry
         self.max_images_per_request = max_images_per_request
@@ -114,6 +117,8 @@ class _Api:
     def _predict_plan(self, images: ImageLike | Sequence[ImageLike], model: str, version: int | None,
                       top_k: int) -> Plan[Prediction | list[Prediction]]:
         encoded, single = encode_images(images)
+        if self.protocol == "v2":
+            return self._v2_predict_plan(encoded, single, model, version, top_k)
         calls = [_Call("POST", "/predict_json", json={
             "model": model, "version": version, "top_k": top_k,
             "images": [base64.b64encode(data).decode("ascii") for data in chunk]})
@@ -126,8 +131,51 @@ class _Api:
 
         return Plan(calls, finish)
 
+    def _v2_predict_plan(self, encoded: list[bytes], single: bool, model: str, version: int | None,
+                         top_k: int) -> Plan[Prediction | list[Prediction]]:
+        """The Open Inference Protocol: BYTES images in, the classification extension's top k out."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}.")
+        calls = [_Call("POST", _v2.model_path(model, version) + "/infer", json={
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(chunk)],
+                        "data": [base64.b64encode(data).decode("ascii") for data in chunk]}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": top_k}}]})
+            for chunk in chunks(encoded, self.max_images_per_request)]
+
+        def finish(answers: list[_Answer]) -> Prediction | list[Prediction]:
+            predictions = []
+            for answer in answers:
+                output = answer.data["outputs"][0]
+                predictions += _v2.predictions(answer.data["model_name"], answer.data["model_version"],
+                                               _v2.rows_of(output["data"], output["shape"]))
+            return predictions[0] if single else predictions
+
+        return Plan(calls, finish)
+
+    def _v2_feature_maps_plan(self, data: bytes, model: str, layers: Sequence[str] | None,
+                              version: int | None) -> Plan[FeatureMaps]:
+        def infer(info: ModelInfo) -> Plan[FeatureMaps]:
+            names = list(layers) if layers is not None else list(info.default_layers)
+            call = _Call("POST", _v2.model_path(info.name, info.version) + "/infer", json={
+                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                            "data": [base64.b64encode(data).decode("ascii")]}],
+                "outputs": [{"name": name} for name in names]})
+
+            def arrays(answers: list[_Answer]) -> FeatureMaps:
+                answer = answers[0].data
+                maps = {output["name"]: np.asarray(output["data"], np.float32).reshape(output["shape"])[0]
+                        for output in answer["outputs"]}
+                return FeatureMaps(answer["model_name"], int(answer["model_version"]), maps)
+
+            return Plan([call], arrays)
+
+        return Plan([self._metadata_plan(model, version).calls[0]],
+                    lambda answers: infer(ModelInfo.from_dict(answers[0].data)))
+
     def _feature_maps_plan(self, image: ImageLike, model: str, layers: Sequence[str] | None, version: int | None,
                            as_png: bool) -> Plan[FeatureMaps]:
+        if self.protocol == "v2" and not as_png:  # the protocol has no pictures: PNG grids are cnnkit's
+            return self._v2_feature_maps_plan(encode_image(image), model, layers, version)
         call = _Call("POST", "/feature_maps_json", json={
             "image_b64": base64.b64encode(encode_image(image)).decode("ascii"), "model": model,
             "layers": list(layers) if layers is not None else None, "version": version,
@@ -164,7 +212,8 @@ class _Api:
                      lambda answers: ModelInfo.from_dict(answers[0].data))
 
     def _health_plan(self) -> Plan[Health]:
-        calls = [_Call("GET", path, accept=(200, 503), parse_json=False) for path in ("/livez", "/readyz")]
+        paths = ("/v2/health/live", "/v2/health/ready") if self.protocol == "v2" else ("/livez", "/readyz")
+        calls = [_Call("GET", path, accept=(200, 400, 503), parse_json=False) for path in paths]
 
         def finish(answers: list[_Answer]) -> Health:
             live, ready = (answer.status == 200 for answer in answers)
@@ -191,13 +240,15 @@ class Client(_Api, SyncMethods):
     '7'
 
     ``transport`` is handed to ``httpx.Client`` (e.g. ``httpx.MockTransport`` in tests).
+    ``protocol="v2"`` sends predictions, feature maps and health checks through the Open Inference
+    Protocol (``/v2/...``, as KServe and Triton define it) instead of cnnkit's routes.
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
                  retry: Retry | None = None, max_images_per_request: int = 32,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, protocol: str = "cnnkit"):
         super().__init__(url, api_key=api_key, timeout=timeout, retry=retry or Retry(),
-                         max_images_per_request=max_images_per_request)
+                         max_images_per_request=max_images_per_request, protocol=protocol)
         self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, transport=transport)
 
     def __enter__(self) -> Client:
@@ -223,9 +274,9 @@ class AsyncClient(_Api, AsyncMethods):
 
     def __init__(self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
                  retry: Retry | None = None, max_images_per_request: int = 32,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, protocol: str = "cnnkit"):
         super().__init__(url, api_key=api_key, timeout=timeout, retry=retry or Retry(),
-                         max_images_per_request=max_images_per_request)
+                         max_images_per_request=max_images_per_request, protocol=protocol)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=timeout,
                                        transport=transport)
 

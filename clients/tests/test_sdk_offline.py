@@ -121,6 +121,31 @@ def test_predict_sends_base64_files_with_the_key_and_parses_typed_results():
     assert "version" not in json.loads(seen[1].content)  # unset options are left to the server
 
 
+def test_v2_predict_sends_the_open_inference_protocol_and_reads_the_classification_extension():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        body = json.loads(request.content)
+        count = body["inputs"][0]["shape"][0]
+        rows = [[f"0.{9 - index}00000:{index}:label:{index}" for index in range(2)] for _ in range(count)]
+        return httpx.Response(200, json={"model_name": "digits", "model_version": "4", "outputs": [
+            {"name": "probabilities", "datatype": "BYTES", "shape": [count, 2], "data": sum(rows, [])}]})
+
+    with Client("http://service", protocol="v2", max_images_per_request=2,
+                transport=httpx.MockTransport(handler)) as client:
+        predictions = client.predict([b"1", b"22", b"333"], model="digits", version=4, top_k=2)
+    assert [request.url.path for request in seen] == ["/v2/models/digits/versions/4/infer"] * 2
+    body = json.loads(seen[0].content)
+    assert body["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [2],
+                               "data": [base64.b64encode(b"1").decode(), base64.b64encode(b"22").decode()]}]
+    assert body["outputs"] == [{"name": "probabilities", "parameters": {"classification": 2}}]
+    assert len(predictions) == 3 and predictions[0].version == 4
+    # Labels may hold colons: only the first two separate the probability and the index.
+    assert predictions[2].classes[1].label == "label:1" and predictions[2].classes[1].index == 1
+    assert predictions[0].probability == pytest.approx(0.9)
+
+
 def test_large_batches_are_split_and_answers_kept_in_order():
     sizes = []
 

@@ -12,6 +12,10 @@ Its outputs are ``probabilities`` (FP32 ``[N, classes]``), ``top_class`` (INT64 
 FP32 output per feature layer (``conv1``, ``pool1``...). A request that names no outputs gets
 ``probabilities`` and ``top_class``: Triton would send every output, which here would add every
 feature map of the batch to each answer.
+
+The classification extension works as Triton's: ``probabilities`` requested with the parameter
+``classification: k`` comes back as BYTES ``[N, k]``, each element ``"probability:index:label"``,
+most probable first, so a v2 client gets the class names without a second call.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from cnnkit.serving.model_store import LoadedModel
 INPUT_NAME = "image"
 DEFAULT_OUTPUTS = tuple(PREDICT_OUTPUTS)
 SERVER_NAME = "cnnkit"
-EXTENSIONS = ("binary_tensor_data", "model_configuration")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration")
 PLATFORM = "onnxruntime_onnx"
 # Numeric data types a request may send pixels in, and those the answers use.
 NUMERIC: dict[str, np.dtype] = {
@@ -190,6 +194,26 @@ def choose_outputs(model: LoadedModel, requested: Sequence[str]) -> list[str]:
 
 def output_datatype(name: str) -> str:
     return "INT64" if name == "top_class" else "FP32"
+
+
+def classification_k(name: str, value: Any) -> int | None:
+    """The ``classification`` parameter of a requested output: None when absent."""
+    if value is None:
+        return None
+    if name != "probabilities":
+        raise InvalidInputError(f"The classification parameter applies to 'probabilities' only, not {name!r}.")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"classification must be a positive integer (the number of classes), got {value!r}.")
+    return value
+
+
+def classify(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> np.ndarray:
+    """Triton's classification output: ``[N, k]`` of ``b"probability:index:label"``, best first."""
+    k = min(k, probabilities.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    rows = [[f"{row[index]:.6f}:{index}:{class_names[index]}".encode() for index in indices]
+            for row, indices in zip(probabilities, order, strict=True)]
+    return np.asarray(rows, dtype=np.object_).reshape(len(rows), k)
 
 
 def _tensor(name: str, spec: TensorSpec) -> dict[str, Any]:

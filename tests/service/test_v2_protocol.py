@@ -140,6 +140,26 @@ def test_infer_with_encoded_images_as_bytes(http_client, grpc_client, digits, re
     np.testing.assert_allclose(result.as_numpy("probabilities"), reference, atol=1e-5)
 
 
+@pytest.mark.parametrize(("protocol", "binary"), [("http", True), ("http", False), ("grpc", True)])
+def test_the_classification_extension_names_the_classes(http_client, grpc_client, digits, reference, protocol,
+                                                        binary):
+    images, _, _ = digits
+    if protocol == "http":
+        output = tritonclient_http.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)
+        result = http_client.infer("digits", [_pixels_input(tritonclient_http, images)], outputs=[output])
+    else:
+        output = tritonclient_grpc.InferRequestedOutput("probabilities", class_count=3)
+        result = grpc_client.infer("digits", [_pixels_input(tritonclient_grpc, images)], outputs=[output])
+    top = result.as_numpy("probabilities")
+    assert top.shape == (len(images), 3)
+    for row, expected in zip(top, reference, strict=True):
+        entries = [(element.decode() if isinstance(element, bytes) else element).split(":") for element in row]
+        order = np.argsort(-expected, kind="stable")[:3]
+        assert [int(index) for _, index, _ in entries] == order.tolist()
+        assert [label for _, _, label in entries] == [str(index) for index in order]  # the digits' class names
+        np.testing.assert_allclose([float(value) for value, _, _ in entries], expected[order], atol=1e-6)
+
+
 def test_json_forms_by_hand(service, digits, reference):
     """The plain JSON protocol, as curl would send it: nested data, base64 BYTES, an id."""
     images, _, pngs = digits
@@ -214,3 +234,57 @@ def test_grpc_errors_carry_status_codes(grpc_client, digits):
     with pytest.raises(InferenceServerException) as unserved:
         grpc_client.get_inference_statistics("digits")
     assert unserved.value.status() == str(grpc.StatusCode.UNIMPLEMENTED)
+
+
+def test_the_sdk_speaks_v2_with_the_same_methods(service, digits):
+    """Client, AsyncClient, GrpcClient and AsyncGrpcClient with protocol="v2" give what the default
+    protocol gives: predictions (through the classification extension), feature maps, health."""
+    import asyncio
+
+    from cnnkit_client import AsyncClient, AsyncGrpcClient, Client, GrpcClient
+
+    _, _, pngs = digits
+    with Client(service.url) as plain:
+        expected = plain.predict(pngs, model="digits", top_k=3)
+        expected_maps = dict(plain.feature_maps(pngs[0], model="digits"))
+    with Client(service.url, protocol="v2") as http, GrpcClient(service.grpc_target, protocol="v2") as grpc_client:
+        for client in (http, grpc_client):
+            predictions = client.predict(pngs, model="digits", top_k=3)
+            assert [p.model for p in predictions] == ["digits"] * len(pngs) and predictions[0].version == 1
+            for got, want in zip(predictions, expected, strict=True):
+                assert [c.label for c in got.classes] == [c.label for c in want.classes]
+                assert [c.index for c in got.classes] == [c.index for c in want.classes]
+                np.testing.assert_allclose([c.probability for c in got.classes],
+                                           [c.probability for c in want.classes], atol=1e-5)
+            single = client.predict(pngs[0], model="digits", version=1)
+            assert single.label == expected[0].label
+            maps = dict(client.feature_maps(pngs[0], model="digits"))
+            assert set(maps) == set(expected_maps)
+            for name, array in maps.items():
+                np.testing.assert_allclose(array, expected_maps[name], atol=1e-5)
+            health = client.health()
+            assert health.live and health.ready
+
+    async def both_async():
+        async with AsyncClient(service.url, protocol="v2") as ahttp, \
+                AsyncGrpcClient(service.grpc_target, protocol="v2") as agrpc:
+            return await asyncio.gather(ahttp.predict(pngs[:2], model="digits"),
+                                        agrpc.predict(pngs[:2], model="digits"))
+
+    for predictions in asyncio.run(both_async()):
+        assert [p.label for p in predictions] == [p.label for p in expected[:2]]
+    with pytest.raises(ValueError, match="protocol must be one of cnnkit, v2"):
+        Client(service.url, protocol="v3")
+
+
+def test_sdk_v2_errors_map_to_the_sdk_exceptions(service, digits):
+    from cnnkit_client import Client, GrpcClient
+    from cnnkit_client.errors import InvalidInputError, NotFoundError
+
+    _, _, pngs = digits
+    with Client(service.url, protocol="v2") as http, GrpcClient(service.grpc_target, protocol="v2") as grpc_client:
+        for client in (http, grpc_client):
+            with pytest.raises(NotFoundError):
+                client.predict(pngs[0], model="nope")
+            with pytest.raises(InvalidInputError):
+                client.predict(b"not an image", model="digits")

@@ -155,12 +155,25 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request, context):  # noqa: N802
         model = self._model(request.model_name, request.model_version)
         wanted = v2.choose_outputs(model, [output.name for output in request.outputs])
+        classification = {}
+        for output in request.outputs:
+            parameter = output.parameters.get("classification")
+            if parameter is not None:
+                value = getattr(parameter, parameter.WhichOneof("parameter_choice") or "int64_param")
+                k = v2.classification_k(output.name, value)
+                if k is not None:
+                    classification[output.name] = k
         if set(wanted) <= set(v2.DEFAULT_OUTPUTS):
             self.core.admit(model, on_loop=False)
         images = v2.images_from_input(input_tensor(request), model, self.core.limits)
         values = self.core.predict(model, images, wanted)
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
         for name in wanted:
+            if name in classification:
+                labels = v2.classify(values[name], model.class_names, classification[name])
+                response.outputs.add(name=name, datatype="BYTES", shape=list(labels.shape))
+                response.raw_output_contents.append(v2.encode_bytes_elements(list(labels.ravel())))
+                continue
             datatype = v2.output_datatype(name)
             array = np.ascontiguousarray(values[name], dtype=v2.NUMERIC[datatype])
             response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -106,34 +107,53 @@ def decode_inputs(body: dict[str, Any], binary: bytes) -> list[v2.InputTensor]:
     return decoded
 
 
-def requested_outputs(body: dict[str, Any]) -> tuple[list[str], dict[str, bool]]:
-    """Output names in order, and which of them to send as binary data."""
+@dataclass
+class Requested:
+    """The outputs a request names, in order; which to send as binary data; which to classify."""
+
+    names: list[str]
+    binary: dict[str, bool]
+    classification: dict[str, int]
+
+
+def requested_outputs(body: dict[str, Any]) -> Requested:
     everything_binary = bool(_parameters(body, "request").get("binary_data_output", False))
     outputs = body.get("outputs") or []
     if not isinstance(outputs, list):
         raise InvalidInputError("'outputs' must be a list.")
-    names, binary = [], {}
+    requested = Requested([], {}, {})
     for index, item in enumerate(outputs):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInputError(f"outputs[{index}] must be an object with a 'name'.")
-        names.append(item["name"])
-        binary[item["name"]] = bool(_parameters(item, f"output {item['name']!r}").get("binary_data",
-                                                                                      everything_binary))
-    return names, binary if names else {name: everything_binary for name in v2.DEFAULT_OUTPUTS}
+        name = item["name"]
+        parameters = _parameters(item, f"output {name!r}")
+        requested.names.append(name)
+        requested.binary[name] = bool(parameters.get("binary_data", everything_binary))
+        k = v2.classification_k(name, parameters.get("classification"))
+        if k is not None:
+            requested.classification[name] = k
+    if not requested.names:
+        requested.binary = {name: everything_binary for name in v2.DEFAULT_OUTPUTS}
+    return requested
 
 
 def infer_response(model: LoadedModel, request_id: Any, values: dict[str, np.ndarray],
-                   binary: dict[str, bool]) -> Response:
+                   requested: Requested) -> Response:
     """The answer in JSON, or JSON plus the binary outputs after it."""
     outputs, blobs = [], []
     for name, value in values.items():
-        datatype = v2.output_datatype(name)
-        array = np.ascontiguousarray(value, dtype=v2.NUMERIC[datatype])
+        k = requested.classification.get(name)
+        array = v2.classify(value, model.class_names, k) if k else np.asarray(value)
+        datatype = "BYTES" if array.dtype == np.object_ else v2.output_datatype(name)
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary.get(name, False):
-            raw = array.tobytes()
+        if datatype != "BYTES":
+            array = np.ascontiguousarray(array, dtype=v2.NUMERIC[datatype])
+        if requested.binary.get(name, False):
+            raw = (v2.encode_bytes_elements(list(array.ravel())) if datatype == "BYTES" else array.tobytes())
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
+        elif datatype == "BYTES":
+            tensor["data"] = [element.decode() for element in array.ravel()]
         else:
             tensor["data"] = array.ravel().tolist()
         outputs.append(tensor)
@@ -196,14 +216,14 @@ def build_v2_app(get_core: Callable[[], InferenceCore]) -> Starlette:
         if not body_bytes:
             raise InvalidInputError("The body is empty: send an inference request.")
         body, binary = split_body(body_bytes, request.headers.get(HEADER_LENGTH))
-        names, binary_outputs = requested_outputs(body)
-        wanted = v2.choose_outputs(model, names)
+        requested = requested_outputs(body)
+        wanted = v2.choose_outputs(model, requested.names)
         if set(wanted) <= set(v2.DEFAULT_OUTPUTS):
             core.admit(model, on_loop=True)
         tensor = v2.single_input(decode_inputs(body, binary))
         images = await asyncio.to_thread(v2.images_from_input, tensor, model, core.limits)
         values = await core.predict_async(model, images, wanted)
-        return infer_response(model, body.get("id"), values, binary_outputs)
+        return infer_response(model, body.get("id"), values, requested)
 
     routes = [
         Route("/", handler("v2_server_metadata", lambda core, request: v2.server_metadata()), methods=["GET"]),
