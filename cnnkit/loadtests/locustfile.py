@@ -1,4 +1,5 @@
-"""Locust users for the cnnkit service: HTTP (FastHttpUser) and gRPC (TF Serving's Predict).
+"""Locust users for the cnnkit service: HTTP (FastHttpUser), gRPC (TF Serving's Predict), and the
+Open Inference Protocol over HTTP (JSON and binary tensors) and gRPC (ModelInfer).
 
 Both send real test images (files in ``$CNNKIT_LOADTEST_IMAGES``, written by ``cnnkit loadtest``)
 one per request, and check every answer (shape, probabilities, class names from the model's
@@ -23,6 +24,7 @@ grpc_gevent.init_gevent()
 
 import base64  # noqa: E402
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -143,3 +145,125 @@ class GrpcPredictUser(User):
         request.output_filter.append("probabilities")
         with contextlib.suppress(grpc.RpcError):  # the interceptor has reported it
             self.predict_call(request, timeout=60, metadata=self.metadata)
+
+
+# The Open Inference Protocol (v2) ------------------------------------------------------------------
+
+V2_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _length_prefixed(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "little") + data
+
+
+def check_classification(elements: list[str], class_names: list[str], k: int) -> None:
+    """One row of the classification extension: k ``probability:index:label`` entries, best first."""
+    if len(elements) != k:
+        raise AnswerError(f"{len(elements)} classes, expected {k}")
+    previous = 1.0 + 1e-6
+    for element in elements:
+        probability, index, label = element.split(":", 2)
+        if class_names[int(index)] != label or not 0.0 <= float(probability) <= previous:
+            raise AnswerError(f"bad classification entry {element!r}")
+        previous = float(probability)
+
+
+class V2HttpJsonUser(FastHttpUser):
+    """One image per v2 ``infer`` call in the protocol's JSON (a base64 BYTES input, top 3 classes)."""
+
+    wait_time = between(0, 0)
+    binary = False
+
+    def on_start(self) -> None:
+        self.images = load_images()
+        self.class_names = describe_model(self.host)["class_names"]
+        self.headers = {"x-api-key": API_KEY} if API_KEY else {}
+        self.path = f"/v2/models/{MODEL}/infer"
+
+    def _request(self) -> tuple[bytes, dict[str, str]]:
+        image = random.choice(self.images)
+        output = {"name": "probabilities", "parameters": {"classification": 3, "binary_data": self.binary}}
+        if not self.binary:
+            body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                "data": [base64.b64encode(image).decode("ascii")]}], "outputs": [output]}
+            return json.dumps(body).encode(), {**self.headers, "content-type": "application/json"}
+        raw = _length_prefixed(image)
+        header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                         "parameters": {"binary_data_size": len(raw)}}],
+                             "outputs": [output]}).encode()
+        return header + raw, {**self.headers, "inference-header-content-length": str(len(header)),
+                              "content-type": "application/octet-stream"}
+
+    @task
+    def infer(self) -> None:
+        body, headers = self._request()
+        name = "v2 infer (binary)" if self.binary else "v2 infer (JSON)"
+        with self.client.post(self.path, data=body, headers=headers, name=name, catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            try:
+                content = response.content or b""
+                length = int(response.headers.get("inference-header-content-length") or len(content))
+                answer = json.loads(content[:length])
+                output = answer["outputs"][0]
+                if self.binary:
+                    raw, elements = content[length:], []
+                    while raw:
+                        size = int.from_bytes(raw[:4], "little")
+                        elements.append(raw[4 : 4 + size].decode())
+                        raw = raw[4 + size :]
+                else:
+                    elements = output["data"]
+                check_classification(elements, self.class_names, 3)
+            except (AnswerError, KeyError, ValueError) as error:
+                response.failure(f"wrong answer: {error}")
+
+
+class V2HttpBinaryUser(V2HttpJsonUser):
+    """The same with the binary tensor data extension both ways (what tritonclient.http sends)."""
+
+    binary = True
+
+
+class V2GrpcUser(User):
+    """One image per ``inference.GRPCInferenceService/ModelInfer`` call (raw BYTES in and out)."""
+
+    wait_time = between(0, 0)
+
+    def on_start(self) -> None:
+        from cnnkit_client.protos.v2 import grpc_service_pb2
+
+        target = os.environ.get("CNNKIT_LOADTEST_GRPC")
+        if not target:
+            raise RuntimeError("CNNKIT_LOADTEST_GRPC (HOST:PORT) is not set.")
+        self.images = load_images()
+        class_names = describe_model(self.host)["class_names"]
+
+        def check(response) -> None:
+            raw, elements = response.raw_output_contents[0], []
+            while raw:
+                size = int.from_bytes(raw[:4], "little")
+                elements.append(raw[4 : 4 + size].decode())
+                raw = raw[4 + size :]
+            check_classification(elements, class_names, 3)
+
+        interceptor = LocustTimingInterceptor(self.environment, {V2_INFER: check})
+        self.channel = grpc.intercept_channel(grpc.insecure_channel(target), interceptor)
+        self.infer_call = self.channel.unary_unary(
+            V2_INFER, request_serializer=grpc_service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=grpc_service_pb2.ModelInferResponse.FromString)
+        self.request_type = grpc_service_pb2.ModelInferRequest
+        self.metadata = (("x-api-key", API_KEY),) if API_KEY else None
+
+    def on_stop(self) -> None:
+        self.channel.close()
+
+    @task
+    def infer(self) -> None:
+        request = self.request_type(model_name=MODEL)
+        request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(_length_prefixed(random.choice(self.images)))
+        request.outputs.add(name="probabilities").parameters["classification"].int64_param = 3
+        with contextlib.suppress(grpc.RpcError):  # the interceptor has reported it
+            self.infer_call(request, timeout=60, metadata=self.metadata)

@@ -26,7 +26,9 @@ import httpx
 from cnnkit.loadtests.report import LevelResult, read_locust_csv, write_report
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-USER_CLASSES = {"http": "HttpPredictUser", "grpc": "GrpcPredictUser"}
+USER_CLASSES = {"http": "HttpPredictUser", "grpc": "GrpcPredictUser", "v2-json": "V2HttpJsonUser",
+                "v2-binary": "V2HttpBinaryUser", "v2-grpc": "V2GrpcUser"}
+GRPC_PROTOCOLS = ("grpc", "v2-grpc")
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -230,8 +232,9 @@ def run_loadtest(*, url: str, grpc_target: str | None, model: str, levels: list[
         raise LoadTestError(f"--processes must be at least 1, or -1 for one per CPU core; got {processes}.")
     unknown = [protocol for protocol in protocols if protocol not in USER_CLASSES]
     if unknown or not protocols:
-        raise LoadTestError(f"--protocols takes http and/or grpc, got {','.join(protocols)!r}.")
-    if "grpc" in protocols and not grpc_target:
+        raise LoadTestError(f"--protocols takes {', '.join(USER_CLASSES)} (comma-separated), "
+                            f"got {','.join(protocols)!r}.")
+    if any(protocol in GRPC_PROTOCOLS for protocol in protocols) and not grpc_target:
         raise LoadTestError("The gRPC load test needs --grpc HOST:PORT.")
     headers = {"x-api-key": api_key} if api_key else {}
     try:
@@ -253,7 +256,7 @@ def run_loadtest(*, url: str, grpc_target: str | None, model: str, levels: list[
                                images=images, raw=raw, server_pid=server_pid,
                                feature_map_weight=feature_map_weight, api_key=api_key, processes=processes)
             results.append(result)
-            print(f"{protocol:4s} {users:4d} users: {result.requests:7,d} requests, {result.failures} failures, "
+            print(f"{protocol:9s} {users:4d} users: {result.requests:7,d} requests, {result.failures} failures, "
                   f"{result.requests_per_second:8.1f}/s, p50 {result.median_ms:.0f} ms, p99 {result.p99_ms:.0f} ms, "
                   f"batch {result.mean_batch_size or 0:.1f}", flush=True)
     info = {"model": model, "version": described.get("version"), "providers": described.get("providers"),
@@ -273,7 +276,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--start", action="store_true", help="start the service (cnnkit serve) for the test")
     parser.add_argument("--repository", help="with --start: the model repository (default as cnnkit serve)")
     parser.add_argument("--grpc", metavar="TARGET", help="gRPC HOST:PORT (with --start: the started service's)")
-    parser.add_argument("--protocols", default=None, help="http,grpc (default: http, plus grpc when known)")
+    parser.add_argument("--protocols", default=None,
+                        help="any of http, grpc, v2-json, v2-binary, v2-grpc (the Open Inference Protocol), "
+                             "comma-separated (default: http, plus grpc when known)")
     parser.add_argument("--users", default="1,8,32,64", help="concurrency levels (default 1,8,32,64)")
     parser.add_argument("--duration", default="30s", help="per level (default 30s)")
     parser.add_argument("--report", default="loadtest-report", help="report folder (default loadtest-report)")

@@ -27,13 +27,15 @@ def test_each_locust_user_runs_against_a_real_service_without_failures(digits_re
     service = RunningService(repository)
     try:
         results = run_loadtest(url=service.url, grpc_target=f"127.0.0.1:{service.grpc_port}", model="digits",
-                               levels=[2], seconds=6, report=tmp_path / "report", protocols=["http", "grpc"],
+                               levels=[2], seconds=6, report=tmp_path / "report",
+                               protocols=["http", "grpc", "v2-json", "v2-binary", "v2-grpc"],
                                server_pid=service.pid, data_dir=str(data_root),
                                feature_map_weight=19,  # half the calls, so that a short run sees both
                                processes=2)  # locust's forked load processes; their figures are merged
     finally:
         service.stop()
-    assert [(result.protocol, result.users) for result in results] == [("http", 2), ("grpc", 2)]
+    assert [(result.protocol, result.users) for result in results] == [
+        ("http", 2), ("grpc", 2), ("v2-json", 2), ("v2-binary", 2), ("v2-grpc", 2)]
     for result in results:
         # A loaded machine (CI beside training runs) may start the users late: some requests, no failures.
         assert result.requests >= 3 and result.failures == 0, result.failure_messages
@@ -42,8 +44,10 @@ def test_each_locust_user_runs_against_a_real_service_without_failures(digits_re
         assert result.server_rss_mb_end and result.server_rss_mb_end > 100
     assert {"POST predict", "POST feature_maps"} <= set(results[0].by_name)  # the HTTP mix
     assert set(results[1].by_name) == {"grpc Predict"}
+    assert set(results[2].by_name) == {"POST v2 infer (JSON)"} and set(results[3].by_name) == {"POST v2 infer (binary)"}
+    assert set(results[4].by_name) == {"grpc ModelInfer"}
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["meta"]["model"] == "digits" and len(report["levels"]) == 2
+    assert report["meta"]["model"] == "digits" and len(report["levels"]) == 5
     assert report["meta"]["locust processes"] == 2
     assert len(list((tmp_path / "report" / "raw" / "images").glob("*.png"))) == 200
 

@@ -254,6 +254,17 @@ def test_api_key_guards_everything_but_health(digits_repository, digits):
                                 metadata=[("authorization", "Bearer s3cret")], timeout=30)
             answer = health_pb2_grpc.HealthStub(opened).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            # The Open Inference Protocol's service: the same key, its health checks open.
+            from cnnkit_client.protos.v2 import grpc_service_pb2 as v2
+            from cnnkit_client.protos.v2 import grpc_service_pb2_grpc as v2_grpc
+
+            inference = v2_grpc.GRPCInferenceServiceStub(opened)
+            assert inference.ServerReady(v2.ServerReadyRequest(), timeout=10).ready
+            with pytest.raises(grpc.RpcError) as refused:
+                inference.ModelMetadata(v2.ModelMetadataRequest(name="digits"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert inference.ModelMetadata(v2.ModelMetadataRequest(name="digits"), timeout=10,
+                                           metadata=[("x-api-key", "s3cret")]).name == "digits"
     finally:
         server.stop(grace=None)
 

@@ -270,6 +270,10 @@ def test_api_key_cors_request_ids_and_json_logs(repository, digits):
         assert httpx.post(f"{running.url}/predict_json", json=body, headers={"x-api-key": "k3y"}).status_code == 200
         assert httpx.get(f"{running.url}/models/", headers={"authorization": "Bearer k3y"}).status_code == 200
         assert httpx.get(f"{running.url}/readyz").status_code == 200
+        # The Open Inference Protocol: the same key, its health checks open like /readyz.
+        assert httpx.get(f"{running.url}/v2/health/ready").status_code == 200
+        assert httpx.get(f"{running.url}/v2/models/digits").status_code == 401
+        assert httpx.get(f"{running.url}/v2/models/digits", headers={"x-api-key": "k3y"}).status_code == 200
         # CORS: a browser's preflight needs no key; the answer names the origin; other origins get nothing.
         preflight = httpx.options(f"{running.url}/predict_json", headers={
             "origin": origin, "access-control-request-method": "POST",

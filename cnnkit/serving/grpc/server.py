@@ -342,6 +342,10 @@ class Extensions:
             EXTENSION_SERVICE, {name: method(name, model_type) for name, model_type in self.METHODS.items()})
 
 
+# The Open Inference Protocol's health checks, open like grpc.health.v1 (and /v2/health/* over HTTP).
+OPEN_V2_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
+
+
 class ApiKeyInterceptor(grpc.ServerInterceptor):
     """Refuses every call but health checks without the API key (``x-api-key`` or Bearer)."""
 
@@ -354,7 +358,8 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
     def intercept_service(self, continuation: Callable, handler_call_details) -> Any:
-        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/") or \
+                handler_call_details.method in OPEN_V2_METHODS:
             return continuation(handler_call_details)
         metadata = [(key, value.decode("latin-1") if isinstance(value, bytes) else value)
                     for key, value in handler_call_details.invocation_metadata or ()]
