@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import json
 import os
@@ -76,8 +77,9 @@ async def _drive(call, clients: int, seconds: float | None, total: int | None, l
     return Measured(label, len(latencies), errors, time.perf_counter() - started, latencies)
 
 
-def http_load(url: str, path: str, files: dict, data: dict, clients: int, seconds: float | None,
-              total: int | None, label: str) -> Measured:
+def http_load(url: str, path: str, files: dict | None, data: dict | None, clients: int, seconds: float | None,
+              total: int | None, label: str, content: bytes | None = None,
+              headers: dict[str, str] | None = None) -> Measured:
     """HTTP load from several client processes (one httpx pool serving 64 connections spends more
     CPU than the server it measures), each with its share of the clients."""
     import multiprocessing
@@ -88,23 +90,28 @@ def http_load(url: str, path: str, files: dict, data: dict, clients: int, second
     totals = [None if total is None else total // processes + (1 if index < total % processes else 0)
               for index in range(processes)]
     if processes == 1:
-        return _http_load_one(url, path, files, data, clients, seconds, total, label)
+        return _http_load_one(url, path, files, data, clients, seconds, total, label, content, headers)
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         parts = list(pool.map(_http_load_one, [url] * processes, [path] * processes, [files] * processes,
-                              [data] * processes, shares, [seconds] * processes, totals, [label] * processes))
+                              [data] * processes, shares, [seconds] * processes, totals, [label] * processes,
+                              [content] * processes, [headers] * processes))
     return Measured(label, sum(part.requests for part in parts), sum(part.errors for part in parts),
                     max(part.seconds for part in parts), [value for part in parts for value in part.latencies_ms])
 
 
-def _http_load_one(url: str, path: str, files: dict, data: dict, clients: int, seconds: float | None,
-                   total: int | None, label: str) -> Measured:
+def _http_load_one(url: str, path: str, files: dict | None, data: dict | None, clients: int,
+                   seconds: float | None, total: int | None, label: str, content: bytes | None = None,
+                   headers: dict[str, str] | None = None) -> Measured:
     import httpx
 
     async def main() -> Measured:
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
             async def call() -> None:
-                response = await client.post(path, files=files, data=data)
+                if content is not None:
+                    response = await client.post(path, content=content, headers=headers)
+                else:
+                    response = await client.post(path, files=files, data=data)
                 response.raise_for_status()
 
             await call()  # warm-up
@@ -113,7 +120,8 @@ def _http_load_one(url: str, path: str, files: dict, data: dict, clients: int, s
     return asyncio.run(main())
 
 
-def http_lean_one(url: str, path: str, body: bytes, content_type: str, seconds: float, label: str) -> Measured:
+def http_lean_one(url: str, path: str, body: bytes, content_type: str, seconds: float, label: str,
+                  extra_headers: dict[str, str] | None = None) -> Measured:
     """One client on one kept-alive ``http.client`` connection: the latency the service adds with
     as little client-library cost as possible (an httpx client adds 1-4 ms of its own per call)."""
     import http.client
@@ -121,7 +129,7 @@ def http_lean_one(url: str, path: str, body: bytes, content_type: str, seconds: 
 
     address = urlsplit(url)
     connection = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port, timeout=60)
-    headers = {"Content-Type": content_type}
+    headers = {"Content-Type": content_type, **(extra_headers or {})}
     latencies: list[float] = []
     errors = 0
     started = time.perf_counter()
@@ -153,11 +161,12 @@ def multipart_body(fields: dict[str, str], files: dict[str, tuple[str, bytes, st
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def grpc_load(target: str, image: bytes, model: str, clients: int, seconds: float, label: str) -> Measured:
+def grpc_load(target: str, image: bytes, model: str, clients: int, seconds: float, label: str,
+              protocol: str = "cnnkit") -> Measured:
     from cnnkit_client import AsyncGrpcClient
 
     async def main() -> Measured:
-        async with AsyncGrpcClient(target) as client:
+        async with AsyncGrpcClient(target, protocol=protocol) as client:
             async def call() -> None:
                 await client.predict(image, model=model, top_k=1)
 
@@ -165,6 +174,21 @@ def grpc_load(target: str, image: bytes, model: str, clients: int, seconds: floa
             return await _drive(call, clients, seconds, None, label)
 
     return asyncio.run(main())
+
+
+def v2_bodies(image: bytes) -> tuple[bytes, tuple[bytes, dict[str, str]]]:
+    """One image as a v2 infer request (top class by the classification extension): the JSON body,
+    and the binary-extension body with its headers (the encoded file as a BYTES element)."""
+    output = {"name": "probabilities", "parameters": {"classification": 1}}
+    json_body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                        "data": [base64.b64encode(image).decode("ascii")]}],
+                            "outputs": [output]}).encode()
+    raw = len(image).to_bytes(4, "little") + image
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "outputs": [{**output, "parameters": {**output["parameters"], "binary_data": True}}]}).encode()
+    return json_body, (header + raw, {"Inference-Header-Content-Length": str(len(header)),
+                                      "Content-Type": "application/octet-stream"})
 
 
 def in_process_limit(repository: Path, model: str, seconds: float) -> tuple[int, float, float]:
@@ -257,6 +281,26 @@ def main(argv: list[str] | None = None) -> int:
             grpc_many = grpc_load(service.grpc_target, image, args.model, args.clients, args.seconds,
                                   f"cnnkit gRPC, {args.clients} clients")
             results += [one, lean, grpc_one, http_many, grpc_many]
+            # The Open Inference Protocol (v2) on the same service: JSON, binary tensors, gRPC.
+            v2_path = f"/v2/models/{args.model}/infer"
+            json_body, (binary_body, binary_headers) = v2_bodies(image)
+            v2_lean = http_lean_one(service.url, v2_path, json_body, "application/json", args.seconds,
+                                    "v2 HTTP JSON, 1 http.client")
+            v2_lean_binary = http_lean_one(service.url, v2_path, binary_body, "application/octet-stream",
+                                           args.seconds, "v2 HTTP binary, 1 http.client",
+                                           {"Inference-Header-Content-Length":
+                                            binary_headers["Inference-Header-Content-Length"]})
+            v2_grpc_one = grpc_load(service.grpc_target, image, args.model, 1, args.seconds, "v2 gRPC, 1 client",
+                                    protocol="v2")
+            v2_json_many = http_load(service.url, v2_path, None, None, args.clients, args.seconds, None,
+                                     f"v2 HTTP JSON, {args.clients} clients", content=json_body,
+                                     headers={"Content-Type": "application/json"})
+            v2_binary_many = http_load(service.url, v2_path, None, None, args.clients, args.seconds, None,
+                                       f"v2 HTTP binary, {args.clients} clients", content=binary_body,
+                                       headers=binary_headers)
+            v2_grpc_many = grpc_load(service.grpc_target, image, args.model, args.clients, args.seconds,
+                                     f"v2 gRPC, {args.clients} clients", protocol="v2")
+            results += [v2_lean, v2_lean_binary, v2_grpc_one, v2_json_many, v2_binary_many, v2_grpc_many]
             if args.soak:
                 memory_before = service_memory_mb(service.pid)
                 soak = http_load(service.url, "/predict", files, {"model": args.model}, 32, None,
@@ -307,6 +351,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serving overhead at 1 client (p50 - in-process {single_ms:.2f} ms): HTTP "
               f"{lean.percentile(0.5) - single_ms:.2f} ms with http.client ({one.percentile(0.5) - single_ms:.2f} ms "
               f"with httpx), gRPC {grpc_one.percentile(0.5) - single_ms:.2f} ms (target <= 3 ms)")
+        for measured in (v2_json_many, v2_binary_many, v2_grpc_many):
+            print(f"{measured.label} / naive: {measured.rate / naive_many.rate:.1f}x; / in-process limit: "
+                  f"{measured.rate / limit:.0%}; / cnnkit's own protocol: "
+                  f"{measured.rate / (grpc_many if 'gRPC' in measured.label else http_many).rate:.2f}x")
+        print(f"v2 serving overhead at 1 client (p50 - in-process): HTTP JSON "
+              f"{v2_lean.percentile(0.5) - single_ms:.2f} ms, HTTP binary "
+              f"{v2_lean_binary.percentile(0.5) - single_ms:.2f} ms, "
+              f"gRPC {v2_grpc_one.percentile(0.5) - single_ms:.2f} ms")
         print(f"server memory: {memory_start:.0f} MB at start, {memory_end:.0f} MB at the end")
         if args.soak:
             print(f"soak: {soak.requests:,} requests, {soak.errors} errors, memory {memory_before:.0f} -> "

@@ -288,3 +288,25 @@ def test_sdk_v2_errors_map_to_the_sdk_exceptions(service, digits):
                 client.predict(pngs[0], model="nope")
             with pytest.raises(InvalidInputError):
                 client.predict(b"not an image", model="digits")
+
+
+def test_the_readmes_curl_example_runs_as_written(service, digits, reference, tmp_path):
+    """The indented curl call of the README's v2 section, against the real service."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("curl") is None:
+        pytest.fail("curl is needed for the README's v2 example")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    lines = re.search(r"^    curl -s localhost:3000/v2/.*?(?=^\S|^$)", readme, re.S | re.M).group(0)
+    command = " ".join(line.strip() for line in lines.splitlines()).replace(
+        "localhost:3000", service.url.removeprefix("http://"))
+    _, _, pngs = digits
+    (tmp_path / "seven.png").write_bytes(pngs[0])
+    answer = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0, answer.stderr
+    output = json.loads(answer.stdout)["outputs"][0]
+    assert output["datatype"] == "BYTES" and output["shape"] == [1, 3]
+    assert output["data"][0].split(":")[2] == str(reference[0].argmax())  # the tiny model's answer
