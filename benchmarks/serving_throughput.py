@@ -33,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -179,7 +180,7 @@ def grpc_load(target: str, image: bytes, model: str, clients: int, seconds: floa
 def v2_bodies(image: bytes) -> tuple[bytes, tuple[bytes, dict[str, str]]]:
     """One image as a v2 infer request (top class by the classification extension): the JSON body,
     and the binary-extension body with its headers (the encoded file as a BYTES element)."""
-    output = {"name": "probabilities", "parameters": {"classification": 1}}
+    output: dict[str, Any] = {"name": "probabilities", "parameters": {"classification": 1}}
     json_body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                         "data": [base64.b64encode(image).decode("ascii")]}],
                             "outputs": [output]}).encode()

@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, model_repository=args.repository, host=args.host,
                              http_port=args.http_port, grpc_port=args.grpc_port, log_level=args.log_level,
-                             log_format=args.log_format)
+                             log_format=args.log_format, workers=args.workers)
     repository = resolve_repository(settings.model_repository).resolve()
     if not settings.bento_models and not scan_repository(repository):
         raise UserError(f"No exported models in {repository}: run `cnnkit export RUN_DIR` first.")
@@ -187,7 +187,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                "--port", str(settings.http_port), "--working-dir", str(project),
                "--timeout-graceful-shutdown", str(settings.drain_timeout)]
     grpc = f"gRPC {settings.host}:{settings.grpc_port}" if settings.grpc_port >= 0 else "gRPC off"
-    print(f"[cnnkit] serving {repository}: HTTP http://{settings.host}:{settings.http_port}  {grpc}",
+    workers = f"  {settings.workers} workers" if settings.workers > 1 else ""
+    print(f"[cnnkit] serving {repository}: HTTP http://{settings.host}:{settings.http_port}  {grpc}{workers}",
           file=sys.stderr, flush=True)
     os.execv(bentoml, command)
     return 0  # not reached
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, help="HTTP port (default 3000)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8500; -1: no gRPC)")
+    serve.add_argument("--workers", type=int, help="server processes sharing the ports and the cores (default 1)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
                        help="level of cnnkit's log lines (default INFO)")
     serve.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (default text)")

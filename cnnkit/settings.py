@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     http_port: int = Field(3000, ge=0, le=65535, description="HTTP port (BentoML).")
     grpc_port: int = Field(8500, ge=-1, le=65535, description="gRPC port (TF Serving's API); -1 turns gRPC off.")
     grpc_threads: int = Field(16, ge=1, description="Threads serving gRPC calls.")
+    workers: int = Field(1, ge=1, description=(
+        "Server processes: each serves HTTP (BentoML's workers) and gRPC (one port, SO_REUSEPORT) with "
+        "its own ONNX Runtime sessions sharing the cores."))
     api_key: str | None = Field(None, description="When set, every route but health checks needs this key.")
     access_log: bool = Field(True, description="One log line per HTTP request (with its request id).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of cnnkit's log lines.")

@@ -369,8 +369,13 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
 
 
 def build_server(core: InferenceCore, *, host: str = "127.0.0.1", port: int = 8500,
-                 api_key: str | None = None, max_workers: int = 16) -> tuple[grpc.Server, int, Any]:
-    """A ready (not yet started) gRPC server on ``core``; returns (server, bound port, health)."""
+                 api_key: str | None = None, max_workers: int = 16,
+                 reuse_port: bool = False) -> tuple[grpc.Server, int, Any]:
+    """A ready (not yet started) gRPC server on ``core``; returns (server, bound port, health).
+
+    With ``reuse_port`` several server processes bind the same port (SO_REUSEPORT: the kernel
+    spreads connections over them, the pattern of grpcio's multiprocessing example); without it a
+    port another process holds is refused, as it should be for a single server."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     server = grpc.server(
@@ -379,6 +384,7 @@ def build_server(core: InferenceCore, *, host: str = "127.0.0.1", port: int = 85
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)

@@ -183,6 +183,16 @@ async def _off_loop_if_large(size: int, function, *args):
     return await asyncio.to_thread(function, *args)
 
 
+def session_threads(settings: Settings) -> int | None:
+    """ONNX Runtime threads per session: the setting, else the cores shared by the workers
+    (None, one per core, for a single worker)."""
+    if settings.ort_threads:
+        return settings.ort_threads
+    if settings.workers > 1:
+        return max(1, (os.cpu_count() or 1) // settings.workers)
+    return None
+
+
 def _current_core() -> InferenceCore:
     service = bentoml.get_current_service()
     if service is None:
@@ -195,9 +205,10 @@ def _current_core() -> InferenceCore:
 @bentoml.asgi_app(build_models_app(_current_core), path="/models")
 @bentoml.service(
     name="cnnkit",
-    workers=1,
     traffic={"timeout": 60, "max_concurrency": SETTINGS.max_concurrency},
     http={"host": SETTINGS.host, "port": SETTINGS.http_port},
+    # N processes, each with its own event loop, batchers, ONNX Runtime sessions and gRPC server.
+    workers=SETTINGS.workers,
     # The access lines are cnnkit's own, with the request id (see cnnkit.serving.logs).
     logging={"access": {"enabled": False}},
 )
@@ -214,7 +225,7 @@ class Classifier:
         configure_logging(settings.log_level, settings.log_format)
         tags = settings.bento_models
         repository = repository_from_bento_store(tags) if tags else resolve_repository(settings.model_repository)
-        self.store = ModelStore(repository, providers=settings.ort_providers, threads=settings.ort_threads or None,
+        self.store = ModelStore(repository, providers=settings.ort_providers, threads=session_threads(settings),
                                 spin=settings.ort_spin)
         self.core = InferenceCore.from_settings(self.store, settings)
         if settings.explain_preload:
@@ -232,7 +243,7 @@ class Classifier:
 
             self.grpc_server, bound, self._health = build_server(
                 self.core, host=settings.host, port=settings.grpc_port, api_key=settings.api_key,
-                max_workers=settings.grpc_threads,
+                max_workers=settings.grpc_threads, reuse_port=settings.workers > 1,
             )
             self.grpc_server.start()
             mark_serving(self._health)
