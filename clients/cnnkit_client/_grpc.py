@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from cnnkit_client import _v2
+import cnnkit_client._v2 as _v2
 from cnnkit_client._methods import AsyncMethods, SyncMethods
 from cnnkit_client._plan import Plan
 from cnnkit_client.errors import CnnkitError, InvalidInputError, ServerError, from_grpc_code

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from cnnkit_client import _v2
+import cnnkit_client._v2 as _v2
 from cnnkit_client._methods import AsyncMethods, SyncMethods
 from cnnkit_client._plan import Plan
 from cnnkit_client.errors import (

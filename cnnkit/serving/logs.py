@@ -48,6 +48,14 @@ def request_id_from(pairs: Iterable[tuple[str, Any]]) -> str:
     return usable_request_id(None)
 
 
+def identify_call(context: Any) -> None:
+    """A gRPC call's request id (the client's ``x-request-id`` metadata, else a new one), for the
+    log lines written while it runs, and echoed to the client in the trailing metadata."""
+    identifier = request_id_from(context.invocation_metadata() or ())
+    request_id.set(identifier)
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, identifier),))
+
+
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get() or "-"

@@ -29,8 +29,9 @@ from cnnkit.repository import PREDICT_OUTPUTS, PREDICT_SIGNATURE, TensorSpec
 from cnnkit.serving import metrics
 from cnnkit.serving.auth import key_matches, presented_key
 from cnnkit.serving.core import InferenceCore
+from cnnkit.serving.grpc import v2
 from cnnkit.serving.inputs import check_batch, check_count, decode_base64, decode_image, decode_images
-from cnnkit.serving.logs import REQUEST_ID_HEADER, request_id, request_id_from
+from cnnkit.serving.logs import identify_call
 from cnnkit.serving.model_store import LoadedModel
 from cnnkit.serving.requests import (
     EmptyRequest,
@@ -112,20 +113,12 @@ def signature_defs(model: LoadedModel) -> get_model_metadata_pb2.SignatureDefMap
     return signatures
 
 
-def _identify(context: grpc.ServicerContext) -> None:
-    """The call's request id (the client's ``x-request-id`` metadata, else a new one), for the log
-    lines written while it runs, and echoed to the client in the trailing metadata."""
-    identifier = request_id_from(context.invocation_metadata() or ())
-    request_id.set(identifier)
-    context.set_trailing_metadata(((REQUEST_ID_HEADER, identifier),))
-
-
 def _rpc(endpoint: str) -> Callable:
     """Wrap an RPC handler: count it in the metrics and answer a ServingError with its status."""
 
     def decorate(handler: Callable) -> Callable:
         def wrapped(self, request, context):
-            _identify(context)
+            identify_call(context)
             try:
                 with metrics.observe("grpc", endpoint, request.model_spec.name or "-"):
                     return handler(self, request, context)
@@ -323,7 +316,7 @@ class Extensions:
             function = getattr(self, name)
 
             def handle(request: bytes, context) -> bytes | None:
-                _identify(context)
+                identify_call(context)
                 try:
                     with metrics.observe("grpc", name) as observation:
                         try:
@@ -389,9 +382,7 @@ def build_server(core: InferenceCore, *, host: str = "127.0.0.1", port: int = 85
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(core), server)
-    from cnnkit.serving.grpc import v2  # the Open Inference Protocol beside TF Serving's API
-
-    v2.add_to_server(core, server)
+    v2.add_to_server(core, server)  # the Open Inference Protocol beside TF Serving's API
     server.add_generic_rpc_handlers(tuple(
         grpc.method_handlers_generic_handler(service, {name: _unimplemented(message)
                                                        for name, message in methods.items()})

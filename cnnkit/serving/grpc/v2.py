@@ -20,6 +20,7 @@ import numpy as np
 from cnnkit.errors import InvalidInputError, NotFoundError, ServingError, UnavailableError
 from cnnkit.serving import metrics, v2
 from cnnkit.serving.core import InferenceCore
+from cnnkit.serving.logs import identify_call
 from cnnkit.serving.model_store import LoadedModel
 from cnnkit_client.protos.v2 import grpc_service_pb2 as pb
 from cnnkit_client.protos.v2 import grpc_service_pb2_grpc, model_config_pb2
@@ -45,9 +46,7 @@ def _abort(context: grpc.ServicerContext, error: ServingError) -> None:
 def _rpc(endpoint: str) -> Callable:
     def decorate(handler: Callable) -> Callable:
         def wrapped(self, request, context):
-            from cnnkit.serving.grpc.server import _identify
-
-            _identify(context)
+            identify_call(context)
             name = getattr(request, "model_name", "") or getattr(request, "name", "") or "-"
             try:
                 with metrics.observe("grpc", endpoint, name):
