@@ -218,6 +218,22 @@ def _local_predictor(repository: str):
 def cmd_score(args: argparse.Namespace) -> int:
     from cnnkit_client import scoring
 
+    if args.engine == "ray":
+        if not args.local:
+            raise UserError("--engine ray scores with ONNX Runtime in Ray actors: name the model repository "
+                            "with --local REPOSITORY.")
+        from cnnkit.serving.ray_scoring import score_folder_ray
+        from cnnkit_client.errors import CnnkitError
+
+        try:
+            summary = score_folder_ray(args.local, args.folder, args.out, model=args.model, version=args.version,
+                                       top_k=args.top_k, batch_size=args.batch_size, actors=args.actors,
+                                       address=args.ray_address, progress=not args.no_progress)
+        except CnnkitError as error:
+            raise UserError(str(error)) from error
+        print(summary.report())
+        print(f"results: {args.out}")
+        return 1 if summary.stopped else 0
     return scoring.run(args, local_predictor=_local_predictor)
 
 
@@ -324,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     from cnnkit_client import scoring
 
     scoring.add_arguments(score, local=True)
+    score.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local: this process (default); ray: Ray Data with an actor pool (needs --local)")
+    score.add_argument("--actors", type=int, default=os.cpu_count() or 1,
+                       help="with --engine ray: actors, each with its own ONNX Runtime session (default: cores)")
+    score.add_argument("--ray-address", help="with --engine ray: a Ray cluster to join (default $RAY_ADDRESS, "
+                       "else a local Ray started for the run)")
     score.set_defaults(func=cmd_score)
 
     loadtest = commands.add_parser("loadtest", help="load-test the service with locust (HTTP and gRPC), with a report")

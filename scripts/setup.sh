@@ -13,7 +13,7 @@ fi
 stamp=.venv/.cnnkit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[export,serving,loadtest,dev]"
+    .venv/bin/python -m pip install --quiet -e ".[export,serving,loadtest,ray,dev]"
     # Triton's client, for the Open Inference Protocol conformance tests: its pins (protobuf<7,
     # ml-dtypes<=0.5.4) clash with TensorFlow's, so it comes without its dependencies; what it
     # imports is already here but python-rapidjson.
