@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from cnnkit.training.train import train
 
         train(run_dir=args.output, data_dir=args.data_dir, resume=True, epochs=args.epochs,
-              evaluate=not args.no_evaluate)
+              evaluate=not args.no_evaluate, distributed=args.distributed)
         return 0
     if not args.recipe:
         raise UserError("Name a recipe (see `cnnkit recipes`) or pass --resume --output RUN_DIR.")
@@ -88,7 +88,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = apply_overrides(config, overrides)
     from cnnkit.training.train import train
 
-    train(config, run_dir=args.output, data_dir=args.data_dir, evaluate=not args.no_evaluate)
+    if args.distributed and not args.output:
+        raise UserError("--distributed needs --output RUN_DIR: the one run directory every worker names.")
+    train(config, run_dir=args.output, data_dir=args.data_dir, evaluate=not args.no_evaluate,
+          distributed=args.distributed)
     return 0
 
 
@@ -268,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "directory or a .keras file); with --epochs 0 a fine_tune recipe only fine-tunes")
     train.add_argument("--output", help="run directory (default runs/RECIPE-TIMESTAMP)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output")
+    train.add_argument("--distributed", action="store_true",
+                       help="one worker of the cluster in TF_CONFIG (MultiWorkerMirroredStrategy); "
+                            "start every worker with the same command")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override any recipe field, e.g. --set augmentation.rotation=0.1")
     train.add_argument("--no-evaluate", action="store_true", help="skip the final evaluation")

@@ -10,7 +10,9 @@ import contextlib
 import csv
 import logging
 import math
+import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -305,12 +307,16 @@ def train(
     evaluate: bool = True,
     verbose: int | None = None,
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
+    distributed: bool = False,
 ) -> Path:
     """Train ``config`` into ``run_dir`` (or resume the run there) and return the run directory.
 
     With ``resume``, the configuration is read back from the run directory (``epochs`` may raise
     its epoch count), the model and optimizer come from ``last.keras`` and training continues at
     the first epoch that was not completed.
+
+    With ``distributed``, this process is one worker of the cluster that ``TF_CONFIG`` describes
+    (see :mod:`cnnkit.training.distributed`): the chief writes ``run_dir``, the others only read it.
     """
     if resume:
         if run_dir is None or not RunDir(run_dir).is_run():
@@ -332,14 +338,28 @@ def train(
     if epochs is not None:
         config.epochs = epochs
         config.validate()
-    strategy = configure_devices()
+    place = None
+    if distributed:
+        from cnnkit.training.distributed import cluster_place, multi_worker_strategy
+
+        place = cluster_place()
+        if config.fine_tune is not None or config.feature_cache:
+            raise RunError("--distributed trains one-phase recipes: no fine_tune section, no feature_cache.")
+        strategy = multi_worker_strategy()
+    else:
+        strategy = configure_devices()
+    chief = place is None or place.is_chief
+    # The chief writes the run directory; another worker writes its checkpoints into a folder of its
+    # own (removed at the end) and reads the chief's state and last checkpoint when resuming.
+    writes = run if chief else RunDir(tempfile.mkdtemp(prefix=f"cnnkit-worker-{place.index if place else 0}-"))
     keras.utils.set_random_seed(config.seed)
     # Load the data first, so that a missing data set leaves no half-made run directory behind.
     dataset = data_module.load_recipe_dataset(config, data_dir)
-    run_path.mkdir(parents=True, exist_ok=True)
-    save_config(config, run.config)
     summary = dataset.summary()
-    atomic_write_json(run.data_summary, summary)
+    if chief:
+        run_path.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.config)
+        atomic_write_json(run.data_summary, summary)
     if dataset.unreadable:
         print(
             f"[cnnkit] warning: {len(dataset.unreadable)} unreadable image(s) were left out "
@@ -380,10 +400,11 @@ def train(
             if config.init_from:
                 initialise_from(model, config.init_from)
             compile_for_recipe(model, config, steps_per_epoch)
-    _trim_history(run.history, start_epoch)
+    if chief:
+        _trim_history(run.history, start_epoch)
     state.setdefault("started", _now())
     state.pop("finished", None)
-    checkpoint = RunCheckpoint(run, config.monitor, config.early_stopping_patience, state)
+    checkpoint = RunCheckpoint(writes, config.monitor, config.early_stopping_patience, state)
     fitted = model
     if config.feature_cache and start_epoch < config.total_epochs:
         # The frozen base runs once (features cached); only the head trains, on the features.
@@ -400,15 +421,23 @@ def train(
     callbacks = [
         # The history row is written (and flushed) before the checkpoint's state.json says the epoch
         # is done: a run killed between the two loses no row (a row past state.json is trimmed).
-        keras.callbacks.CSVLogger(str(run.history), append=True),
+        keras.callbacks.CSVLogger(str(writes.history), append=True),
         checkpoint,
-        keras.callbacks.TensorBoard(str(run.tensorboard), profile_batch=0),
+        *([keras.callbacks.TensorBoard(str(run.tensorboard), profile_batch=0)] if place is None else []),
         # The run's one progress display; verbose=0 trains silently.
-        *([EpochProgress(config.total_epochs)] if verbose != 0 else []),
+        *([EpochProgress(config.total_epochs)] if verbose != 0 and chief else []),
         *(extra_callbacks or []),
     ]
 
-    phases = [(0, config.epochs)]
+    if place is not None:
+        from cnnkit.training.distributed import fit_distributed
+
+        print(f"[cnnkit] worker {place.index} of {place.workers}{' (chief)' if chief else ''}, "
+              f"global batch {config.batch_size}", file=sys.stderr)
+        fit_distributed(model, strategy, train_data, val_data, epochs=config.epochs, initial_epoch=start_epoch,
+                        global_batch_size=config.batch_size, callbacks=callbacks,
+                        label_smoothing=config.label_smoothing)
+    phases = [(0, config.epochs)] if place is None else []
     if config.fine_tune is not None:
         phases.append((config.epochs, config.total_epochs))
     for phase_index, (phase_start, phase_end) in enumerate(phases):
@@ -445,7 +474,11 @@ def train(
             checkpoint.state["epoch"] = phase_end
         fitted.stop_training = False
 
-    _restore_best(model, run)
+    _restore_best(model, writes)
+    if not chief:
+        shutil.rmtree(writes.path, ignore_errors=True)
+        print(f"[cnnkit] worker {place.index if place else 0} done; the chief wrote {run_path}", file=sys.stderr)
+        return run_path
     atomic_save(run.model, model.save)
     checkpoint.state["finished"] = _now()
     run.write_state(checkpoint.state)
@@ -453,7 +486,9 @@ def train(
     if evaluate:
         from cnnkit.training.evaluate import evaluate_run
 
-        evaluate_run(run_path, data_dir=data_dir, dataset=dataset, model=model)
+        # A distributed model's predictions are collective ops with workers that have finished: the
+        # chief evaluates a fresh copy of the written model, outside the strategy.
+        evaluate_run(run_path, data_dir=data_dir, dataset=dataset, model=model if place is None else None)
     return run_path
 
 
