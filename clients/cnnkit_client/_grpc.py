@@ -94,12 +94,16 @@ def _rpc_error(error: grpc.RpcError, target: str) -> CnnkitError:
 
 
 class _GrpcApi:
-    def __init__(self, target: str, *, api_key: str | None, timeout: float | None, retry: Retry,
+    def __init__(self, target: str | Sequence[str], *, api_key: str | None, timeout: float | None, retry: Retry,
                  max_images_per_request: int, protocol: str = "cnnkit"):
         if max_images_per_request < 1:
             raise ValueError("max_images_per_request must be at least 1.")
         self.protocol = _v2.check_protocol(protocol)
-        self.target = target
+        # Several replicas: calls go to one; UNAVAILABLE moves the retries (and later calls) on.
+        self.targets = [target] if isinstance(target, str) else list(target)
+        if not self.targets:
+            raise ValueError("Give at least one gRPC target.")
+        self.target = self.targets[0]
         self.timeout = timeout
         self.default_timeout = timeout
         self.retry = retry
@@ -287,6 +291,13 @@ class _GrpcApi:
 
         return Plan([_Call(HEALTH_CHECK, _health_request(""), _health_status)], finish)
 
+    def _failed(self, error: grpc.RpcError, target: str) -> CnnkitError:
+        failure = _rpc_error(error, target)
+        code = error.code() if hasattr(error, "code") else None
+        if code == grpc.StatusCode.UNAVAILABLE and len(self.targets) > 1 and self.target == target:
+            self.target = self.targets[(self.targets.index(target) + 1) % len(self.targets)]
+        return failure
+
     @staticmethod
     def _serialize(request: Any) -> bytes:
         return request if isinstance(request, bytes) else request.SerializeToString()
@@ -298,20 +309,24 @@ class GrpcClient(_GrpcApi, SyncMethods):
     ``credentials`` (``grpc.ssl_channel_credentials(...)``) makes a TLS channel; ``channel`` lets
     tests or apps pass their own. ``protocol="v2"`` sends predictions, feature maps and health
     checks through the Open Inference Protocol's ``inference.GRPCInferenceService`` instead.
+    ``target`` may list several replicas: calls go to one, and UNAVAILABLE moves the retries (and
+    later calls) to the next.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None,
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, api_key: str | None = None,
                  timeout: float | None = DEFAULT_TIMEOUT, retry: Retry | None = None,
                  max_images_per_request: int = 32, credentials: grpc.ChannelCredentials | None = None,
                  channel: grpc.Channel | None = None, protocol: str = "cnnkit"):
         super().__init__(target, api_key=api_key, timeout=timeout, retry=retry or Retry(),
                          max_images_per_request=max_images_per_request, protocol=protocol)
-        if channel is not None:
-            self._channel = channel
-        elif credentials is not None:
-            self._channel = grpc.secure_channel(target, credentials, options=self._options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=self._options)
+        self._channels: dict[str, grpc.Channel] = {}
+        for address in self.targets:
+            if channel is not None:
+                self._channels[address] = channel
+            elif credentials is not None:
+                self._channels[address] = grpc.secure_channel(address, credentials, options=self._options)
+            else:
+                self._channels[address] = grpc.insecure_channel(address, options=self._options)
 
     def __enter__(self) -> GrpcClient:
         return self
@@ -320,38 +335,40 @@ class GrpcClient(_GrpcApi, SyncMethods):
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in set(self._channels.values()):
+            channel.close()
 
     def _attempt(self, call: _Call, timeout: float | None) -> Any:
-        method = self._channel.unary_unary(call.path, request_serializer=self._serialize,
-                                           response_deserializer=_raw)
+        target = self.target
+        method = self._channels[target].unary_unary(call.path, request_serializer=self._serialize,
+                                                    response_deserializer=_raw)
         try:
             data = method(call.request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise _rpc_error(error, self.target) from error
+            raise self._failed(error, target) from error
         return _parse(call, data)
 
 
 class AsyncGrpcClient(_GrpcApi, AsyncMethods):
     """The ``grpc.aio`` twin of :class:`GrpcClient`: the same methods, awaited."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None,
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, api_key: str | None = None,
                  timeout: float | None = DEFAULT_TIMEOUT, retry: Retry | None = None,
                  max_images_per_request: int = 32, credentials: grpc.ChannelCredentials | None = None,
                  protocol: str = "cnnkit"):
         super().__init__(target, api_key=api_key, timeout=timeout, retry=retry or Retry(),
                          max_images_per_request=max_images_per_request, protocol=protocol)
         self._credentials = credentials
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _get_channel(self) -> grpc.aio.Channel:
+    def _get_channel(self, target: str) -> grpc.aio.Channel:
         # Created on first use, inside the running event loop that will drive it.
-        if self._channel is None:
+        if target not in self._channels:
             if self._credentials is not None:
-                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+                self._channels[target] = grpc.aio.secure_channel(target, self._credentials, options=self._options)
             else:
-                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
-        return self._channel
+                self._channels[target] = grpc.aio.insecure_channel(target, options=self._options)
+        return self._channels[target]
 
     async def __aenter__(self) -> AsyncGrpcClient:
         return self
@@ -360,17 +377,18 @@ class AsyncGrpcClient(_GrpcApi, AsyncMethods):
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
 
     async def _attempt(self, call: _Call, timeout: float | None) -> Any:
-        method = self._get_channel().unary_unary(call.path, request_serializer=self._serialize,
-                                                 response_deserializer=_raw)
+        target = self.target
+        method = self._get_channel(target).unary_unary(call.path, request_serializer=self._serialize,
+                                                       response_deserializer=_raw)
         try:
             data = await method(call.request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise _rpc_error(error, self.target) from error
+            raise self._failed(error, target) from error
         return _parse(call, data)
 
 

@@ -102,12 +102,17 @@ def _transport_error(error: httpx.HTTPError, url: str) -> CnnkitError:
 class _Api:
     """Request building and answer parsing shared by ``Client`` and ``AsyncClient``."""
 
-    def __init__(self, url: str, *, api_key: str | None, timeout: float | None, retry: Retry,
+    def __init__(self, url: str | Sequence[str], *, api_key: str | None, timeout: float | None, retry: Retry,
                  max_images_per_request: int, protocol: str = "cnnkit"):
         if max_images_per_request < 1:
             raise ValueError("max_images_per_request must be at least 1.")
         self.protocol = _v2.check_protocol(protocol)
-        self.url = url.rstrip("/")
+        # Several addresses of one service (replicas): calls go to one; a connection error moves
+        # the retries to the next.
+        self.urls = [item.rstrip("/") for item in ([url] if isinstance(url, str) else list(url))]
+        if not self.urls:
+            raise ValueError("Give at least one service URL.")
+        self.url = self.urls[0]
         self.retry = retry
         self.max_images_per_request = max_images_per_request
         self._headers = {API_KEY_HEADER: api_key} if api_key else {}
@@ -222,6 +227,14 @@ class _Api:
 
         return Plan(calls, finish)
 
+    def _failed(self, error: httpx.HTTPError, base: str, call: _Call) -> CnnkitError:
+        """The SDK's error for a transport failure; a connection error moves later calls (and this
+        call's retries) to the next address."""
+        failure = _transport_error(error, base + call.path)
+        if isinstance(failure, ConnectError) and len(self.urls) > 1 and self.url == base:
+            self.url = self.urls[(self.urls.index(base) + 1) % len(self.urls)]
+        return failure
+
     def _request_kwargs(self, call: _Call, timeout: float | None) -> dict[str, Any]:
         params = {key: value for key, value in (call.params or {}).items() if value is not None}
         kwargs: dict[str, Any] = {"params": params or None}
@@ -241,15 +254,17 @@ class Client(_Api, SyncMethods):
 
     ``transport`` is handed to ``httpx.Client`` (e.g. ``httpx.MockTransport`` in tests).
     ``protocol="v2"`` sends predictions, feature maps and health checks through the Open Inference
-    Protocol (``/v2/...``, as KServe and Triton define it) instead of cnnkit's routes.
+    Protocol (``/v2/...``, as KServe and Triton define it) instead of cnnkit's routes. ``url`` may
+    list several replicas of the service: calls go to one, and a connection error moves the
+    retries (and later calls) to the next.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-                 retry: Retry | None = None, max_images_per_request: int = 32,
+    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, *, api_key: str | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT, retry: Retry | None = None, max_images_per_request: int = 32,
                  transport: httpx.BaseTransport | None = None, protocol: str = "cnnkit"):
         super().__init__(url, api_key=api_key, timeout=timeout, retry=retry or Retry(),
                          max_images_per_request=max_images_per_request, protocol=protocol)
-        self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(headers=self._headers, timeout=timeout, transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -261,10 +276,11 @@ class Client(_Api, SyncMethods):
         self._http.close()
 
     def _attempt(self, call: _Call, timeout: float | None) -> _Answer:
+        base = self.url
         try:
-            response = self._http.request(call.method, call.path, **self._request_kwargs(call, timeout))
+            response = self._http.request(call.method, base + call.path, **self._request_kwargs(call, timeout))
         except httpx.HTTPError as error:
-            raise _transport_error(error, self.url + call.path) from error
+            raise self._failed(error, base, call) from error
         return _to_answer(response, call)
 
 
@@ -272,12 +288,12 @@ class AsyncClient(_Api, AsyncMethods):
     """The asyncio twin of :class:`Client`: the same methods, awaited. Batches split into several
     requests are sent concurrently."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-                 retry: Retry | None = None, max_images_per_request: int = 32,
+    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, *, api_key: str | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT, retry: Retry | None = None, max_images_per_request: int = 32,
                  transport: httpx.AsyncBaseTransport | None = None, protocol: str = "cnnkit"):
         super().__init__(url, api_key=api_key, timeout=timeout, retry=retry or Retry(),
                          max_images_per_request=max_images_per_request, protocol=protocol)
-        self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=timeout,
+        self._http = httpx.AsyncClient(headers=self._headers, timeout=timeout,
                                        transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
@@ -290,10 +306,11 @@ class AsyncClient(_Api, AsyncMethods):
         await self._http.aclose()
 
     async def _attempt(self, call: _Call, timeout: float | None) -> _Answer:
+        base = self.url
         try:
-            response = await self._http.request(call.method, call.path, **self._request_kwargs(call, timeout))
+            response = await self._http.request(call.method, base + call.path, **self._request_kwargs(call, timeout))
         except httpx.HTTPError as error:
-            raise _transport_error(error, self.url + call.path) from error
+            raise self._failed(error, base, call) from error
         return _to_answer(response, call)
 
 

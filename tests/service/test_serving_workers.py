@@ -74,3 +74,51 @@ def test_two_workers_share_both_ports_and_their_metrics(digits_repository, data_
         assert _count(metrics, "grpc", "Classify") == 40 + 12
     finally:
         service.stop()
+
+
+def test_two_replicas_share_one_repository_and_the_sdk_fails_over(digits_repository, data_root, tmp_path):
+    """Replicas hold no state of their own: two services on one repository pick up a version
+    exported once, and the SDK's retries move to the other when one stops."""
+    import os
+
+    from PIL import Image
+
+    from cnnkit.training.data import load_dataset
+    from cnnkit_client import AsyncClient, AsyncGrpcClient
+
+    repository = tmp_path / "model_repository"
+    shutil.copytree(digits_repository, repository)
+    image = tmp_path / "digit.png"
+    Image.fromarray(load_dataset("mnist", data_root, validation_size=10, test_limit=1).x_test[0][..., 0]).save(image)
+    first, second = RunningService(repository), RunningService(repository)
+    try:
+        # One export (an atomic rename into the repository), seen by both.
+        staging = repository / ".staging-2"
+        shutil.copytree(repository / "digits" / "1", staging)
+        os.rename(staging, repository / "digits" / "2")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen = [httpx.get(f"{service.url}/models/digits", timeout=10).json()["versions"]
+                    for service in (first, second)]
+            if seen == [[1, 2], [1, 2]]:
+                break
+            time.sleep(0.3)
+        assert seen == [[1, 2], [1, 2]]
+        urls, targets = [first.url, second.url], [first.grpc_target, second.grpc_target]
+        with Client(urls) as http, GrpcClient(targets) as grpc:
+            expected = http.predict(image, model="digits")
+            assert expected.version == 2 and grpc.predict(image, model="digits").version == 2
+            first.stop()  # one replica gone: the next calls' retries find the other
+            assert http.predict(image, model="digits") == expected and http.url == second.url
+            assert grpc.predict(image, model="digits").label == expected.label and grpc.target == targets[1]
+
+        async def asynchronous():
+            async with AsyncClient(urls) as ahttp, AsyncGrpcClient(targets) as agrpc:
+                return await ahttp.predict(image, model="digits"), await agrpc.predict(image, model="digits")
+
+        import asyncio
+
+        assert [prediction.label for prediction in asyncio.run(asynchronous())] == [expected.label] * 2
+    finally:
+        first.stop()
+        second.stop()
