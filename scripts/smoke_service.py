@@ -99,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     if [p.label for p in over_http] != [p.label for p in over_grpc]:
         problems.append("the SDK's HTTP and gRPC answers disagree")
 
+    # The Open Inference Protocol (KServe / Triton v2) on the same ports, through the SDK.
+    with Client(args.http, protocol="v2") as v2_http, GrpcClient(args.grpc, protocol="v2") as v2_grpc:
+        v2_over_http = v2_http.predict(list(images[:32]), model=args.model, top_k=1)
+        v2_over_grpc = v2_grpc.predict(list(images[:32]), model=args.model, top_k=1)
+    v2_labels = [p.label for p in v2_over_http]
+    print(f"v2    HTTP /v2/.../infer + gRPC ModelInfer 32 digits: agree with the SDK's answers: "
+          f"{v2_labels == [p.label for p in over_http] == [p.label for p in v2_over_grpc]}")
+    if not v2_labels == [p.label for p in over_http] == [p.label for p in v2_over_grpc]:
+        problems.append("the Open Inference Protocol's answers disagree with the others")
+
     # Seeing inside: Grad-CAM of the first digit over HTTP, filter patterns over gRPC.
     with Client(args.http) as http_client, GrpcClient(args.grpc) as grpc_client:
         heat = http_client.gradcam(images[0], model=args.model)
