@@ -6,6 +6,8 @@ registry (in multi-process mode too), so these appear there beside BentoML's own
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +42,11 @@ batch_size = prometheus_client.Histogram(
     documentation="Images per ONNX Runtime call (adaptive batching merges HTTP requests).",
     labelnames=["model"],
     buckets=BATCH_BUCKETS,
+)
+event_loop_lag_seconds = prometheus_client.Histogram(
+    name="cnnkit_event_loop_lag_seconds",
+    documentation="How late the HTTP event loop ran a timer due every 100 ms: how long something blocked it.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 images_total = prometheus_client.Counter(
     name="cnnkit_images_total",
@@ -97,3 +104,21 @@ def observe(protocol: str, endpoint: str, model: str = "-") -> Iterator[Observat
 def record_batch(model: str, size: int) -> None:
     batch_size.labels(model=model).observe(size)
     images_total.labels(model=model).inc(size)
+
+
+STALL_SECONDS = 0.25  # a lag this long is logged: every request waiting on the loop waited that long
+
+
+async def watch_event_loop(interval: float = 0.1) -> None:
+    """Measure, forever, how late the running event loop wakes a timer (``event_loop_lag_seconds``)
+    and log the stalls: anything that blocks the loop (parsing, decoding, a slow call) delays every
+    request it serves, and this is where it shows."""
+    loop = asyncio.get_running_loop()
+    logger = logging.getLogger("cnnkit.serving")
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - started - interval)
+        event_loop_lag_seconds.observe(lag)
+        if lag >= STALL_SECONDS:
+            logger.warning("the HTTP event loop was blocked for %.0f ms", lag * 1000)

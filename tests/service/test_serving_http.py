@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,8 +110,12 @@ def test_health_metrics_and_docs(client):
     assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
     client.post("/predict_json", json={"model": "digits", "instances": np.zeros((1, 28, 28, 1)).tolist()})
     text = client.get("/metrics").text
-    assert 'cnnkit_requests_total{endpoint="rest_predict",model="digits",protocol="http",version="1"}' in text
+    # (the label set of the request just made, whichever tests ran before this one)
+    assert 'cnnkit_requests_total{endpoint="predict_json",model="digits",protocol="http",version="1"}' in text
     assert "cnnkit_inference_batch_size_bucket" in text
+    # The serving event loop's lag is measured while it runs (a sample every 100 ms).
+    lag_count = re.search(r"^cnnkit_event_loop_lag_seconds_count (\S+)$", text, re.MULTILINE)
+    assert lag_count and float(lag_count.group(1)) > 0
     assert "/predict_json" in client.get("/docs.json").text
     assert "swagger" in client.get("/").text.lower()
 

@@ -284,6 +284,11 @@ class Classifier:
 
         signal.signal(signal.SIGTERM, drain)
 
+    @bentoml.on_startup
+    async def watch_event_loop(self) -> None:
+        """Measure the serving event loop's lag (metric cnnkit_event_loop_lag_seconds) while it runs."""
+        self._loop_watch = asyncio.get_running_loop().create_task(metrics.watch_event_loop())
+
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.poller.stop()

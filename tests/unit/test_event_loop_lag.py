@@ -1,0 +1,31 @@
+"""The event-loop lag metric sees a blocked loop, and logs the stall."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from cnnkit.serving import metrics
+
+
+def _observed() -> tuple[float, float]:
+    samples = {sample.name: sample.value for sample in metrics.event_loop_lag_seconds.collect()[0].samples}
+    return samples["cnnkit_event_loop_lag_seconds_count"], samples["cnnkit_event_loop_lag_seconds_sum"]
+
+
+def test_a_blocked_loop_shows_as_lag_and_a_logged_stall(caplog):
+    async def main() -> None:
+        watcher = asyncio.get_running_loop().create_task(metrics.watch_event_loop(interval=0.02))
+        await asyncio.sleep(0.1)  # a few quiet ticks
+        time.sleep(0.4)  # something blocks the loop (a parse, a decode...)
+        await asyncio.sleep(0.1)
+        watcher.cancel()
+
+    count_before, sum_before = _observed()
+    with caplog.at_level(logging.WARNING, logger="cnnkit.serving"):
+        asyncio.run(main())
+    count_after, sum_after = _observed()
+    assert count_after - count_before >= 4
+    assert sum_after - sum_before >= 0.3  # the blocked 0.4 s, less the timer's own 20 ms
+    assert any("event loop was blocked for" in record.getMessage() for record in caplog.records)
