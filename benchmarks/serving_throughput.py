@@ -184,7 +184,9 @@ def v2_bodies(image: bytes) -> tuple[bytes, tuple[bytes, dict[str, str]]]:
     json_body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                         "data": [base64.b64encode(image).decode("ascii")]}],
                             "outputs": [output]}).encode()
-    raw = len(image).to_bytes(4, "little") + image
+    from cnnkit_client._v2 import encode_bytes_elements
+
+    raw = encode_bytes_elements([image])
     header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                      "parameters": {"binary_data_size": len(raw)}}],
                          "outputs": [{**output, "parameters": {**output["parameters"], "binary_data": True}}]}).encode()
@@ -225,6 +227,30 @@ def in_process_limit(repository: Path, model: str, seconds: float) -> tuple[int,
     return best[0], best[1], statistics.median(single)
 
 
+def prepare_model(run: str, tiny_recipe: str | None, model: str,
+                  workdir: Path) -> tuple[Path, Path, dict[str, Any], bytes]:
+    """(run directory, repository, metadata, a grey PNG of the model's input size): the run (or a
+    tiny one of ``tiny_recipe``, since speed does not depend on the weights) exported into
+    ``workdir/model_repository``."""
+    from PIL import Image
+
+    from cnnkit.training.export import export_run
+
+    if tiny_recipe:
+        from tiny_runs import train_tiny_run
+
+        run_dir = train_tiny_run(tiny_recipe, workdir, os.environ.get("CNNKIT_DATA_DIR"))
+    else:
+        run_dir = Path(run)
+    repository = workdir / "model_repository"
+    export_run(run_dir, name=model, repository=repository, check_accuracy=False)
+    metadata = json.loads(next(repository.glob(f"{model}/*/assets.extra/metadata.json")).read_text())
+    height, width, channels = metadata["input"]["shape"]
+    buffer = io.BytesIO()
+    Image.new("L" if channels == 1 else "RGB", (width, height), 128).save(buffer, format="PNG")
+    return run_dir, repository, metadata, buffer.getvalue()
+
+
 def service_memory_mb(pid: int) -> float:
     import psutil
 
@@ -244,26 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-requests", type=int, default=50_000)
     args = parser.parse_args(argv)
 
-    from PIL import Image
 
     from cnnkit.serving.process import ServiceProcess, free_port
-    from cnnkit.training.export import export_run
 
     workdir = Path(tempfile.mkdtemp(prefix="cnnkit-serving-bench-"))
     try:
-        if args.tiny_recipe:
-            from tiny_runs import train_tiny_run
-
-            run_dir = train_tiny_run(args.tiny_recipe, workdir, os.environ.get("CNNKIT_DATA_DIR"))
-        else:
-            run_dir = Path(args.run)
-        repository = workdir / "model_repository"
-        export_run(run_dir, name=args.model, repository=repository, check_accuracy=False)
-        metadata = json.loads(next(repository.glob(f"{args.model}/*/assets.extra/metadata.json")).read_text())
-        height, width, channels = metadata["input"]["shape"]
-        buffer = io.BytesIO()
-        Image.new("L" if channels == 1 else "RGB", (width, height), 128).save(buffer, format="PNG")
-        image = buffer.getvalue()
+        run_dir, repository, metadata, image = prepare_model(args.run, args.tiny_recipe, args.model, workdir)
         files = {"image": ("image.png", image, "image/png")}
 
         batch, limit, single_ms = in_process_limit(repository, args.model, args.seconds)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
-import json
 import os
 import resource
 import shutil
@@ -26,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_throughput import Measured, _drive, http_load, in_process_limit  # noqa: E402
+from serving_throughput import Measured, _drive, http_load, in_process_limit, prepare_model  # noqa: E402
 
 
 def grpc_load_spread(target: str, image: bytes, model: str, clients: int, seconds: float, label: str) -> Measured:
@@ -85,26 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     worker_counts = [int(part) for part in args.workers.split(",")]
     client_counts = [int(part) for part in args.clients.split(",")]
 
-    from PIL import Image
-
     from cnnkit.serving.process import ServiceProcess
-    from cnnkit.training.export import export_run
 
     workdir = Path(tempfile.mkdtemp(prefix="cnnkit-workers-bench-"))
     try:
-        if args.tiny_recipe:
-            from tiny_runs import train_tiny_run
-
-            run_dir = train_tiny_run(args.tiny_recipe, workdir, os.environ.get("CNNKIT_DATA_DIR"))
-        else:
-            run_dir = Path(args.run)
-        repository = workdir / "model_repository"
-        export_run(run_dir, name=args.model, repository=repository, check_accuracy=False)
-        metadata = json.loads(next(repository.glob(f"{args.model}/*/assets.extra/metadata.json")).read_text())
-        height, width, channels = metadata["input"]["shape"]
-        buffer = io.BytesIO()
-        Image.new("L" if channels == 1 else "RGB", (width, height), 128).save(buffer, format="PNG")
-        image = buffer.getvalue()
+        _, repository, _, image = prepare_model(args.run, args.tiny_recipe, args.model, workdir)
         files = {"image": ("image.png", image, "image/png")}
         batch, limit, _ = in_process_limit(repository, args.model, args.seconds)
         print(f"in-process ONNX Runtime: {limit:,.0f} images/s at batch {batch}", flush=True)

@@ -132,9 +132,9 @@ def cmd_filter_patterns(args: argparse.Namespace) -> int:
 
     path, indices, gains = write_filter_patterns(args.source, args.layer, parse_filters(args.filters),
                                                  output=args.out, steps=args.steps, seed=args.seed)
-    from cnnkit.explain import is_dead
+    from cnnkit.explain import dead_filters
 
-    dead = [index for index, (before, after) in zip(indices, gains, strict=True) if is_dead(before, after)]
+    dead = dead_filters(indices, gains)
     print(f"[cnnkit] {len(indices)} filters; mean response raised from {float(gains[:, 0].mean()):.3g} "
           f"to {float(gains[:, 1].mean()):.3g}; {len(dead)} dead" + (f" ({', '.join(map(str, dead))})" if dead else ""),
           file=sys.stderr)

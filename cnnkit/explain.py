@@ -234,6 +234,11 @@ def is_dead(before: float, after: float) -> bool:
     return float(after) - float(before) <= 1e-6 * (1.0 + abs(float(before)))
 
 
+def dead_filters(filters: Sequence[int], gains: Any) -> list[int]:
+    """The filters among ``filters`` whose (before, after) mean response in ``gains`` is dead."""
+    return [int(index) for index, (before, after) in zip(filters, gains, strict=True) if is_dead(before, after)]
+
+
 def tf_spec(shape, dtype: str, name: str):
     import tensorflow as tf
 

@@ -33,6 +33,7 @@ import httpx  # noqa: E402
 from locust import FastHttpUser, User, between, task  # noqa: E402
 
 from cnnkit.loadtests.answers import AnswerError, LocustTimingInterceptor, check_probabilities, check_top_k  # noqa: E402
+from cnnkit_client._v2 import bytes_elements, encode_bytes_elements  # noqa: E402
 from cnnkit_client.protos.tfs import predict_pb2  # noqa: E402
 from cnnkit_client.tensors import to_ndarray, to_tensor_proto  # noqa: E402
 
@@ -152,10 +153,6 @@ class GrpcPredictUser(User):
 V2_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def _length_prefixed(data: bytes) -> bytes:
-    return len(data).to_bytes(4, "little") + data
-
-
 def check_classification(elements: list[str], class_names: list[str], k: int) -> None:
     """One row of the classification extension: k ``probability:index:label`` entries, best first."""
     if len(elements) != k:
@@ -187,7 +184,7 @@ class V2HttpJsonUser(FastHttpUser):
             body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                 "data": [base64.b64encode(image).decode("ascii")]}], "outputs": [output]}
             return json.dumps(body).encode(), {**self.headers, "content-type": "application/json"}
-        raw = _length_prefixed(image)
+        raw = encode_bytes_elements([image])
         header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                          "parameters": {"binary_data_size": len(raw)}}],
                              "outputs": [output]}).encode()
@@ -210,11 +207,7 @@ class V2HttpJsonUser(FastHttpUser):
                 answer = json.loads(content[:length])
                 output = answer["outputs"][0]
                 if self.binary:
-                    raw, elements = content[length:], []
-                    while raw:
-                        size = int.from_bytes(raw[:4], "little")
-                        elements.append(raw[4 : 4 + size].decode())
-                        raw = raw[4 + size :]
+                    elements = [element.decode() for element in bytes_elements(content[length:])]
                 else:
                     elements = output["data"]
                 check_classification(elements, self.class_names, 3)
@@ -243,11 +236,7 @@ class V2GrpcUser(User):
         class_names = describe_model(self.host)["class_names"]
 
         def check(response) -> None:
-            raw, elements = response.raw_output_contents[0], []
-            while raw:
-                size = int.from_bytes(raw[:4], "little")
-                elements.append(raw[4 : 4 + size].decode())
-                raw = raw[4 + size :]
+            elements = [element.decode() for element in bytes_elements(response.raw_output_contents[0])]
             check_classification(elements, class_names, 3)
 
         interceptor = LocustTimingInterceptor(self.environment, {V2_INFER: check})
@@ -265,7 +254,7 @@ class V2GrpcUser(User):
     def infer(self) -> None:
         request = self.request_type(model_name=MODEL)
         request.inputs.add(name="image", datatype="BYTES", shape=[1])
-        request.raw_input_contents.append(_length_prefixed(random.choice(self.images)))
+        request.raw_input_contents.append(encode_bytes_elements([random.choice(self.images)]))
         request.outputs.add(name="probabilities").parameters["classification"].int64_param = 3
         with contextlib.suppress(grpc.RpcError):  # the interceptor has reported it
             self.infer_call(request, timeout=60, metadata=self.metadata)

@@ -41,7 +41,7 @@ from cnnkit.explain import (
     PATTERN_STEPS,
     check_conv_layer,
     check_filters,
-    is_dead,
+    dead_filters,
     resolve_class,
 )
 from cnnkit.serving import explain_worker
@@ -84,8 +84,7 @@ class FilterPatterns:
     @property
     def dead(self) -> list[int]:
         """Filters whose response the ascent could not move (drawn black; see cnnkit.explain.is_dead)."""
-        return [index for index, gain in zip(self.filters, self.mean_activation, strict=True)
-                if is_dead(gain[0], gain[1])]
+        return dead_filters(self.filters, self.mean_activation)
 
 
 @dataclass

@@ -34,6 +34,9 @@ from cnnkit.repository import PREDICT_OUTPUTS, PREDICT_SIGNATURE, TensorSpec
 from cnnkit.serving.inputs import InputLimits, check_batch, check_count, decode_images
 from cnnkit.serving.model_store import LoadedModel
 
+# The one encoder of BYTES contents (the SDK's), used by both front ends as v2.encode_bytes_elements.
+from cnnkit_client._v2 import encode_bytes_elements  # noqa: F401
+
 INPUT_NAME = "image"
 DEFAULT_OUTPUTS = tuple(PREDICT_OUTPUTS)
 SERVER_NAME = "cnnkit"
@@ -102,10 +105,6 @@ def bytes_elements(raw: bytes, where: str) -> list[bytes]:
         elements.append(raw[offset : offset + size])
         offset += size
     return elements
-
-
-def encode_bytes_elements(elements: Sequence[bytes]) -> bytes:
-    return b"".join(len(element).to_bytes(4, "little") + element for element in elements)
 
 
 def base64_elements(values: Sequence[Any], where: str) -> list[bytes]:

@@ -126,7 +126,7 @@ def write_filter_patterns(source: str | Path, layer: str | None, filters: Sequen
     """Filter patterns of one convolution layer as a grid PNG; returns (path, filters, gains)."""
     from tqdm import tqdm
 
-    from cnnkit.explain import is_dead
+    from cnnkit.explain import dead_filters
     from cnnkit.io import atomic_save
     from cnnkit.pictures import pattern_figure
 
@@ -137,8 +137,7 @@ def write_filter_patterns(source: str | Path, layer: str | None, filters: Sequen
         indices, patterns, gains = explainer.filter_patterns(chosen_layer, filters, steps=steps, seed=seed,
                                                              progress=bar.update)
     path = Path(output) if output else Path(f"{explainer.name}_{chosen_layer}_patterns.png")
-    dead = [index for index, (before, after) in zip(indices, gains, strict=True) if is_dead(before, after)]
-    grid = pattern_figure(patterns, indices, dead=dead, columns=columns,
+    grid = pattern_figure(patterns, indices, dead=dead_filters(indices, gains), columns=columns,
                           title=f"{explainer.name} · {chosen_layer} · filter patterns ({steps} steps)")
     atomic_save(path, lambda temporary: grid.save(temporary, format="PNG"))
     return path, indices, gains

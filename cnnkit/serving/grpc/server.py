@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import numpy as np
@@ -30,6 +30,7 @@ from cnnkit.serving import metrics
 from cnnkit.serving.auth import key_matches, presented_key
 from cnnkit.serving.core import InferenceCore
 from cnnkit.serving.grpc import v2
+from cnnkit.serving.grpc.calls import abort, rpc
 from cnnkit.serving.inputs import check_batch, check_count, decode_base64, decode_image, decode_images
 from cnnkit.serving.logs import identify_call
 from cnnkit.serving.model_store import LoadedModel
@@ -60,12 +61,6 @@ HEALTH_SERVICE_NAMES = ("", "tensorflow.serving.PredictionService", "tensorflow.
                         EXTENSION_SERVICE, "inference.GRPCInferenceService")
 IMAGE_FEATURE_KEYS = ("image/encoded", "image", "image_bytes")
 _DATA_TYPES = {"float32": types_pb2.DT_FLOAT, "int64": types_pb2.DT_INT64}
-
-
-def abort(context: grpc.ServicerContext, error: ServingError) -> NoReturn:
-    """The one way the gRPC front end answers a refused call: its status code and message."""
-    context.abort(getattr(grpc.StatusCode, error.grpc_code), error.message)
-    raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 
 
 def _version_of(model_spec) -> int | None:
@@ -114,22 +109,8 @@ def signature_defs(model: LoadedModel) -> get_model_metadata_pb2.SignatureDefMap
 
 
 def _rpc(endpoint: str) -> Callable:
-    """Wrap an RPC handler: count it in the metrics and answer a ServingError with its status."""
-
-    def decorate(handler: Callable) -> Callable:
-        def wrapped(self, request, context):
-            identify_call(context)
-            try:
-                with metrics.observe("grpc", endpoint, request.model_spec.name or "-"):
-                    return handler(self, request, context)
-            except ServingError as error:
-                abort(context, error)
-
-        wrapped.__name__ = handler.__name__
-        wrapped.__doc__ = handler.__doc__
-        return wrapped
-
-    return decorate
+    """TF Serving's requests name their model in ``model_spec``."""
+    return rpc(endpoint, lambda request: request.model_spec.name)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):

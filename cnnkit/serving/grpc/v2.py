@@ -17,10 +17,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cnnkit.errors import InvalidInputError, NotFoundError, ServingError, UnavailableError
-from cnnkit.serving import metrics, v2
+from cnnkit.errors import InvalidInputError, NotFoundError, UnavailableError
+from cnnkit.serving import v2
 from cnnkit.serving.core import InferenceCore
-from cnnkit.serving.logs import identify_call
+from cnnkit.serving.grpc.calls import rpc
 from cnnkit.serving.model_store import LoadedModel
 from cnnkit_client.protos.v2 import grpc_service_pb2 as pb
 from cnnkit_client.protos.v2 import grpc_service_pb2_grpc, model_config_pb2
@@ -39,25 +39,9 @@ def _version(text: str) -> str | None:
     return text or None
 
 
-def _abort(context: grpc.ServicerContext, error: ServingError) -> None:
-    context.abort(getattr(grpc.StatusCode, error.grpc_code), error.message)
-
-
 def _rpc(endpoint: str) -> Callable:
-    def decorate(handler: Callable) -> Callable:
-        def wrapped(self, request, context):
-            identify_call(context)
-            name = getattr(request, "model_name", "") or getattr(request, "name", "") or "-"
-            try:
-                with metrics.observe("grpc", endpoint, name):
-                    return handler(self, request, context)
-            except ServingError as error:
-                _abort(context, error)
-
-        wrapped.__name__ = handler.__name__
-        return wrapped
-
-    return decorate
+    """The protocol's requests name their model in ``model_name`` (ModelInfer) or ``name``."""
+    return rpc(endpoint, lambda request: getattr(request, "model_name", "") or getattr(request, "name", ""))
 
 
 def input_tensor(request: pb.ModelInferRequest) -> v2.InputTensor:
