@@ -102,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.run_dir} is not a run directory (no {CONFIG_FILE}).")
     from cnnkit.training.evaluate import evaluate_run
 
-    evaluate_run(args.run_dir, data_dir=args.data_dir)
+    evaluate_run(args.run_dir, data_dir=args.data_dir, test_time_flip=args.test_time_flip)
     return 0
 
 
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="evaluate a finished run on its test set")
     evaluate.add_argument("run_dir", help="a finished run directory")
+    evaluate.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, default=None,
+                          help="average each image's probabilities with its mirror image's "
+                               "(default: the recipe's test_time_flip)")
     _add_data_dir(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -20,13 +20,17 @@ survive restarts. Each filter is computed once; a request for more filters compu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -107,22 +111,16 @@ class WorkerStoppedError(Exception):
     """The worker process exited (crashed, killed or out of memory)."""
 
 
-class WorkerProcess:
-    """``python -m cnnkit.serving.explain_worker`` with requests and answers as length-prefixed pickles on pipes.
+class _WorkerChannel:
+    """Requests to an explanation worker and its answers: length-prefixed pickles on two streams.
 
-    A plain subprocess rather than multiprocessing: spawn would re-import the parent's ``__main__``
-    (BentoML's worker, pytest, a user's script), which is neither safe nor cheap.
+    Each request gets a future, resolved by a reader thread when the answer with its identifier
+    arrives; when the streams end (the worker exited), every waiting future fails with
+    :class:`WorkerStoppedError`.
     """
 
-    def __init__(self, threads: int, niceness: int):
-        project = str(Path(__file__).resolve().parents[2])
-        environment = dict(os.environ)
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [project, environment.get("PYTHONPATH")]))
-        environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cnnkit.serving.explain_worker", str(threads), str(niceness)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment, cwd=project,
-        )
+    def _open(self, writer: Any, reader: Any) -> None:
+        self._writer, self._reader = writer, reader
         self._futures: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._identifiers = itertools.count()
@@ -130,8 +128,12 @@ class WorkerProcess:
         threading.Thread(target=self._read_answers, name="cnnkit-explain-reader", daemon=True).start()
 
     @property
+    def pid(self) -> int | None:
+        raise NotImplementedError
+
+    @property
     def alive(self) -> bool:
-        return not self._stopped and self.process.poll() is None
+        return not self._stopped
 
     def submit(self, function: str, *args: Any) -> Future:
         future: Future = Future()
@@ -141,31 +143,72 @@ class WorkerProcess:
             identifier = next(self._identifiers)
             self._futures[identifier] = future
             try:
-                explain_worker.write_message(self.process.stdin, (identifier, function, args))
+                explain_worker.write_message(self._writer, (identifier, function, args))
             except (BrokenPipeError, OSError, ValueError) as error:
                 del self._futures[identifier]
                 raise WorkerStoppedError(f"the explanation worker is not running ({error})") from error
         return future
 
     def _read_answers(self) -> None:
-        stream = self.process.stdout
         try:
-            while (message := explain_worker.read_message(stream)) is not None:
+            while (message := explain_worker.read_message(self._reader)) is not None:
                 identifier, ok, result = message
                 with self._lock:
                     future = self._futures.pop(identifier, None)
                 if future is not None:
                     future.set_result(result) if ok else future.set_exception(result)
         except Exception:  # noqa: BLE001 - a torn answer: the worker died mid-write.
-            logger.exception("reading from the explanation worker failed")
-        code = self.process.wait()
+            if not self._stopped:
+                logger.exception("reading from the explanation worker failed")
+        status = self._ended()
         with self._lock:
             self._stopped = True
             waiting, self._futures = list(self._futures.values()), {}
         if waiting:
-            logger.error("the explanation worker exited with status %s", code)
+            logger.error("the explanation worker %s", status)
         for future in waiting:
-            future.set_exception(WorkerStoppedError(f"the explanation worker exited with status {code}"))
+            future.set_exception(WorkerStoppedError(f"the explanation worker {status}"))
+
+    def _ended(self) -> str:
+        """Called by the reader when the answers stop; says how the worker ended."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _worker_command(threads: int, niceness: int, *extra: str) -> tuple[list[str], dict[str, str], str]:
+    project = str(Path(__file__).resolve().parents[2])
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [project, environment.get("PYTHONPATH")]))
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    command = [sys.executable, "-m", "cnnkit.serving.explain_worker", str(threads), str(niceness), *extra]
+    return command, environment, project
+
+
+class WorkerProcess(_WorkerChannel):
+    """``python -m cnnkit.serving.explain_worker`` as this process's own child, spoken to on pipes.
+
+    A plain subprocess rather than multiprocessing: spawn would re-import the parent's ``__main__``
+    (BentoML's worker, pytest, a user's script), which is neither safe nor cheap.
+    """
+
+    def __init__(self, threads: int, niceness: int):
+        command, environment, project = _worker_command(threads, niceness)
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=environment, cwd=project)
+        self._open(self.process.stdin, self.process.stdout)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and self.process.poll() is None
+
+    def _ended(self) -> str:
+        return f"exited with status {self.process.wait()}"
 
     def close(self) -> None:
         with self._lock:
@@ -178,17 +221,93 @@ class WorkerProcess:
                 stream.close()
 
 
+class SharedWorker(_WorkerChannel):
+    """The host's one explanation worker, shared by the server processes of ``cnnkit serve --workers N``.
+
+    The worker listens on a Unix socket in the service's private folder. The first server process
+    that needs it and finds nobody listening starts one (``--socket PATH``); the worker takes an
+    exclusive lock beside the socket first, so of two started at once only one serves and the other
+    exits. The worker exits when the process that started it does; the others then see their
+    connection end and the next explanation starts a new one.
+    """
+
+    def __init__(self, threads: int, niceness: int, socket_path: Path, start_timeout: float = 60.0):
+        self.socket_path = Path(socket_path)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._socket = self._connect_or_start(threads, niceness, start_timeout)
+        self._open(self._socket.makefile("wb"), self._socket.makefile("rb"))
+
+    def _try_connect(self) -> socket.socket | None:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.connect(str(self.socket_path))
+        except OSError:
+            connection.close()
+            return None
+        return connection
+
+    def _connect_or_start(self, threads: int, niceness: int, start_timeout: float) -> socket.socket:
+        connection = self._try_connect()
+        deadline = time.monotonic() + start_timeout
+        while connection is None:
+            if self.process is None or self.process.poll() is not None:
+                if self.process is not None and self.process.returncode != explain_worker.ALREADY_SERVING:
+                    raise WorkerStoppedError(f"the explanation worker exited with status {self.process.returncode}")
+                # Nobody listens (or the one that won the lock is still binding): start one; if another
+                # process's worker holds the lock, ours exits at once and we connect to theirs.
+                command, environment, project = _worker_command(threads, niceness, "--socket", str(self.socket_path))
+                self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment, cwd=project)
+            if time.monotonic() > deadline:
+                raise WorkerStoppedError(f"no explanation worker listens on {self.socket_path}")
+            time.sleep(0.05)
+            connection = self._try_connect()
+        return connection
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id, from the socket's peer credentials."""
+        credentials = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", credentials)[0]
+
+    def _ended(self) -> str:
+        return "closed its connection"
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
+        self._socket.close()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def shared_worker_socket(settings: Settings) -> Path | None:
+    """Where the processes of one ``cnnkit serve --workers N`` (N > 1) meet their shared explanation
+    worker: beside the settings file the command wrote for them, in a folder only this user can
+    open. None (a worker per process) for one process, or a service not started by ``cnnkit serve``."""
+    from cnnkit.settings import SETTINGS_FILE_ENV
+
+    settings_file = os.environ.get(SETTINGS_FILE_ENV)
+    if settings.workers <= 1 or not settings_file:
+        return None
+    return Path(settings_file).parent / "explain.sock"
+
+
 class Explanations:
     """The explanation worker, the checks in front of it and the filter-pattern cache."""
 
     def __init__(self, *, threads: int = 0, niceness: int = 10, timeout: float = 50.0, max_queue: int = 8,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, shared_socket: str | os.PathLike | None = None):
         self.threads = threads
+        # With a socket path, the processes of one service share one worker (SharedWorker).
+        self.shared_socket = Path(shared_socket) if shared_socket is not None else None
         self.niceness = niceness
         self.timeout = timeout
         self.max_queue = max_queue
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self._worker: WorkerProcess | None = None
+        self._worker: _WorkerChannel | None = None
         self._lock = threading.Lock()
         self._pending = 0
         self._patterns: dict[tuple, _PatternEntry] = {}
@@ -198,24 +317,28 @@ class Explanations:
     @classmethod
     def from_settings(cls, settings: Settings) -> Explanations:
         return cls(threads=settings.explain_threads, niceness=settings.explain_nice, timeout=settings.explain_timeout,
-                   max_queue=settings.explain_queue, cache_dir=settings.resolved_cache_dir)
+                   max_queue=settings.explain_queue, cache_dir=settings.resolved_cache_dir,
+                   shared_socket=shared_worker_socket(settings))
 
     # The worker --------------------------------------------------------------------------------
 
-    def _running_worker(self) -> WorkerProcess:
+    def _running_worker(self) -> _WorkerChannel:
         with self._lock:
             if self._worker is None or not self._worker.alive:
                 if self._worker is not None:
                     logger.warning("restarting the explanation worker")
                     self._worker.close()
-                self._worker = WorkerProcess(self.threads, self.niceness)
+                if self.shared_socket is not None:
+                    self._worker = SharedWorker(self.threads, self.niceness, self.shared_socket)
+                else:
+                    self._worker = WorkerProcess(self.threads, self.niceness)
                 self.workers_started += 1
             return self._worker
 
     @property
     def worker_pid(self) -> int | None:
         worker = self._worker
-        return worker.process.pid if worker is not None and worker.alive else None
+        return worker.pid if worker is not None and worker.alive else None
 
     def start(self) -> Explanations:
         """Start the worker and import TensorFlow in it now, instead of on the first request."""
@@ -231,7 +354,11 @@ class Explanations:
             try:
                 future = self._running_worker().submit(function, *args)
             except WorkerStoppedError:
-                future = self._running_worker().submit(function, *args)  # it died just now: once more
+                try:
+                    future = self._running_worker().submit(function, *args)  # it died just now: once more
+                except WorkerStoppedError as error:
+                    raise UnavailableError(f"The explanation worker could not be started ({error}); "
+                                           "try again.") from error
         except BaseException:
             with self._lock:
                 self._pending -= 1

@@ -2,14 +2,25 @@
 
 It is the one place where the service imports TensorFlow. Each function takes the version folder
 and metadata of a model and keeps the loaded SavedModel for the next call.
+
+``python -m cnnkit.serving.explain_worker THREADS NICENESS`` answers its parent on stdin/stdout;
+with ``--socket PATH`` it is the one worker of a host's server processes instead: it takes an
+exclusive lock on ``PATH.lock`` (or exits with status 3, ``ALREADY_SERVING``, when another worker
+holds it), listens on the Unix socket ``PATH``, computes one request at a time for every
+connection, and exits when the process that started it does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pickle
+import queue
+import socket
 import sys
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -79,7 +90,20 @@ def write_message(stream, message: Any) -> None:
     stream.flush()
 
 
-def main() -> None:
+ALREADY_SERVING = 3
+
+
+def _answer(write, identifier: int, name: str, args: tuple) -> None:
+    try:
+        write((identifier, True, FUNCTIONS[name](*args)))
+    except Exception as error:  # noqa: BLE001 - every failure goes back to the caller.
+        try:
+            write((identifier, False, error))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            write((identifier, False, RuntimeError(f"{type(error).__name__}: {error}")))
+
+
+def serve_pipes(threads: int, niceness: int) -> None:
     """Serve requests ``(id, function, args)`` from stdin, answering ``(id, ok, result)`` on stdout.
 
     Only the parent speaks to this process, through pipes it created, so pickle is safe here. The
@@ -88,17 +112,71 @@ def main() -> None:
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     requests = os.fdopen(0, "rb")
-    threads, niceness = int(sys.argv[1]), int(sys.argv[2])
     initialise(threads, niceness)
     while (message := read_message(requests)) is not None:
-        identifier, name, args = message
-        try:
-            write_message(answers, (identifier, True, FUNCTIONS[name](*args)))
-        except Exception as error:  # noqa: BLE001 - every failure goes back to the caller.
-            try:
-                write_message(answers, (identifier, False, error))
-            except Exception:  # noqa: BLE001 - an exception that does not pickle
-                write_message(answers, (identifier, False, RuntimeError(f"{type(error).__name__}: {error}")))
+        _answer(lambda answer: write_message(answers, answer), *message)
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def serve_socket(path: str, threads: int, niceness: int) -> int:
+    """Serve every connection to the Unix socket ``path``, one computation at a time.
+
+    The socket lives in the service's private folder (mode 0700) and the socket itself is made
+    readable by this user only, so only the service's own processes can send pickles here.
+    """
+    lock = open(f"{path}.lock", "a+b")  # noqa: SIM115 - held for the process's lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return ALREADY_SERVING
+    os.dup2(2, 1)  # anything printed goes to the log
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_mask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_mask)
+    listener.listen(64)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    work: queue.Queue = queue.Queue()
+
+    def read_connection(connection: socket.socket) -> None:
+        reader, writer, writing = connection.makefile("rb"), connection.makefile("wb"), threading.Lock()
+
+        def write(answer: Any) -> None:
+            with writing, contextlib.suppress(OSError, ValueError):  # the client went away
+                write_message(writer, answer)
+
+        with contextlib.suppress(OSError, ValueError):
+            while (message := read_message(reader)) is not None:
+                work.put((write, message))
+        connection.close()
+
+    def accept() -> None:
+        while True:
+            connection, _ = listener.accept()
+            threading.Thread(target=read_connection, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, name="cnnkit-explain-accept", daemon=True).start()
+    print(f"[cnnkit] explanation worker {os.getpid()} serving {path}", file=sys.stderr, flush=True)
+    initialise(threads, niceness)
+    while True:
+        write, message = work.get()
+        _answer(write, *message)
+
+
+def main() -> None:
+    threads, niceness = int(sys.argv[1]), int(sys.argv[2])
+    if len(sys.argv) == 5 and sys.argv[3] == "--socket":
+        sys.exit(serve_socket(sys.argv[4], threads, niceness))
+    serve_pipes(threads, niceness)
 
 
 if __name__ == "__main__":

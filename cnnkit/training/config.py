@@ -90,6 +90,9 @@ class RecipeConfig:
     # model's own initialisation; the architectures must match. With ``epochs: 0`` and a
     # ``fine_tune`` section, a run goes straight to fine-tuning a frozen-base run's model.
     init_from: str | None = None
+    # Evaluation averages each test image's probabilities with its mirror image's (test-time
+    # augmentation); for data sets whose classes do not change under a left-right flip.
+    test_time_flip: bool = False
     seed: int = 1337
     course_accuracy: float | None = None  # the figure the course reports, for reports
 

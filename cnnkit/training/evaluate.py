@@ -26,13 +26,21 @@ from cnnkit.io import atomic_save, atomic_write_json, atomic_write_text
 from cnnkit.training.rundir import RunDir, load_run_model
 
 
-def predict_probabilities(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (N, classes); a single sigmoid output becomes two columns."""
+def predict_probabilities(model, images: np.ndarray, batch_size: int = 256, *, flip: bool = False) -> np.ndarray:
+    """Class probabilities (N, classes); a single sigmoid output becomes two columns.
+
+    With ``flip`` each image's probabilities are averaged with those of its left-right mirror image
+    (test-time augmentation).
+    """
     from cnnkit.training import data as data_module
 
     pipeline = data_module.make_pipeline(images, np.zeros(len(images), np.int64), batch_size)
-    outputs = model.predict(pipeline.map(lambda x, _: x), verbose=0)
-    outputs = np.asarray(outputs, dtype=np.float64)
+    outputs = np.asarray(model.predict(pipeline.map(lambda x, _: x), verbose=0), dtype=np.float64)
+    if flip:
+        mirrored = np.ascontiguousarray(images[:, :, ::-1])
+        pipeline = data_module.make_pipeline(mirrored, np.zeros(len(images), np.int64), batch_size)
+        outputs = (outputs + np.asarray(model.predict(pipeline.map(lambda x, _: x), verbose=0),
+                                        dtype=np.float64)) / 2.0
     if outputs.shape[-1] == 1:
         outputs = np.concatenate([1.0 - outputs, outputs], axis=-1)
     return outputs
@@ -247,8 +255,12 @@ def evaluate_run(
     dataset=None,
     model=None,
     max_misclassified: int = 32,
+    test_time_flip: bool | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the run's final model on its test set and write the evaluation artefacts."""
+    """Evaluate the run's final model on its test set and write the evaluation artefacts.
+
+    ``test_time_flip`` overrides the recipe's setting of the same name for this evaluation.
+    """
     from cnnkit.training.data import load_recipe_dataset
 
     run = RunDir(run_dir).require_run()
@@ -257,7 +269,8 @@ def evaluate_run(
         model = load_run_model(run.require_model())
     if dataset is None:
         dataset = load_recipe_dataset(config, data_dir)
-    probabilities = predict_probabilities(model, dataset.x_test)
+    flip = config.test_time_flip if test_time_flip is None else test_time_flip
+    probabilities = predict_probabilities(model, dataset.x_test, flip=flip)
     predictions = probabilities.argmax(axis=1)
     labels = dataset.y_test
     matrix = confusion_matrix(labels, predictions, dataset.num_classes)
@@ -270,6 +283,7 @@ def evaluate_run(
         "test_images": int(len(labels)),
         "test_accuracy": round(float((predictions == labels).mean()), 6),
         "test_loss": round(cross_entropy(probabilities, labels), 6),
+        "test_time_flip": bool(flip),
         "course_accuracy": config.course_accuracy,
         "epochs_trained": state.get("epoch"),
         "best_epoch": state.get("best_epoch"),
@@ -281,7 +295,7 @@ def evaluate_run(
     }
     output = run.evaluation
     output.mkdir(exist_ok=True)
-    title = f"{config.name}: test accuracy {metrics['test_accuracy'] * 100:.2f}%"
+    title = f"{config.name}: test accuracy {metrics['test_accuracy'] * 100:.2f}%" + (" (flip TTA)" if flip else "")
     plot_confusion_matrix(matrix, dataset.class_names, output / "confusion_matrix.png", title)
     history = read_history(run.history)
     if history:
@@ -298,7 +312,7 @@ def evaluate_run(
     accuracy = metrics["test_accuracy"]
     print(
         f"[cnnkit] {config.name}: test accuracy {accuracy * 100:.2f}%  test loss "
-        f"{metrics['test_loss']:.4f}  ({output})",
+        f"{metrics['test_loss']:.4f}{'  (test-time flip)' if flip else ''}  ({output})",
         file=sys.stderr,
     )
     if not math.isfinite(metrics["test_loss"]):

@@ -67,6 +67,17 @@ def test_two_workers_share_both_ports_and_their_metrics(digits_repository, data_
         for _ in range(12):
             with GrpcClient(service.grpc_target) as fresh:
                 assert fresh.predict(image, model="digits").label == expected
+        # Explanations from both processes go to the host's one explanation worker.
+        for _ in range(12):
+            with GrpcClient(service.grpc_target) as fresh:
+                assert fresh.gradcam(image, model="digits").heatmap.shape == (28, 28)
+        children = psutil.Process(service.pid).children(recursive=True)
+        explainers = [child for child in children if "cnnkit.serving.explain_worker" in " ".join(child.cmdline())]
+        assert len(explainers) == 1, [child.cmdline() for child in explainers]
+        socket_path = explainers[0].cmdline()[-1]
+        sockets = [connection for connection in explainers[0].net_connections(kind="unix")
+                   if connection.laddr == socket_path]
+        assert len(sockets) == 3, sockets  # the listener, and one connection from each server process
         metrics = httpx.get(f"{service.url}/metrics", timeout=10).text
         # /metrics sums the workers' counters (Prometheus multiprocess mode): every call is counted
         # whichever process answered it and whichever process answers the scrape.

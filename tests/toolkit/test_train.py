@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,29 @@ def test_evaluate_command_rewrites_the_same_figures(finished_run, data_root):
     after = json.loads((finished_run / "evaluation" / "metrics.json").read_text())
     assert after["test_accuracy"] == pytest.approx(before["test_accuracy"], abs=1e-6)
     assert "test accuracy" in result.stderr
+
+
+def test_test_time_flip_averages_each_image_with_its_mirror_image(finished_run, data_root, tmp_path):
+    from cnnkit.training.evaluate import predict_probabilities
+    from cnnkit.training.rundir import load_run_model
+
+    model = load_run_model(finished_run / "model.keras")
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
+    plain = predict_probabilities(model, images)
+    mirrored = predict_probabilities(model, images[:, :, ::-1])
+    assert not np.allclose(plain, mirrored, atol=1e-4)  # the digits model is not mirror-symmetric
+    np.testing.assert_allclose(predict_probabilities(model, images, flip=True), (plain + mirrored) / 2,
+                               atol=1e-6)
+
+    # The command-line switch overrides the recipe's setting and the metrics say which was used.
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    result = cli("evaluate", str(run), "--data-dir", str(data_root), "--test-time-flip")
+    assert result.returncode == 0, result.stderr
+    assert "(test-time flip)" in result.stderr
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert metrics["test_time_flip"] is True and 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert json.loads((finished_run / "evaluation" / "metrics.json").read_text())["test_time_flip"] is False
 
 
 def test_feature_map_command_writes_a_grid(finished_run, tmp_path):
