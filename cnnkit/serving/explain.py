@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import logging
 import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -50,10 +48,12 @@ from cnnkit.explain import (
 )
 from cnnkit.serving import explain_worker
 from cnnkit.serving.model_store import LoadedModel
+from cnnkit.serving.workers import WorkerChannel, WorkerProcess, WorkerStoppedError, worker_command
 from cnnkit.settings import Settings, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
+EXPLAIN_WORKER = "cnnkit.serving.explain_worker"
 MAX_PATTERN_STEPS = 200
 MAX_PATTERN_FILTERS = 512
 
@@ -107,121 +107,7 @@ def explain_layers(model: LoadedModel) -> dict[str, Any]:
     return {"gradcam_layer": explain.get("gradcam_layer"), "conv_layers": model.conv_layer_names}
 
 
-class WorkerStoppedError(Exception):
-    """The worker process exited (crashed, killed or out of memory)."""
-
-
-class _WorkerChannel:
-    """Requests to an explanation worker and its answers: length-prefixed pickles on two streams.
-
-    Each request gets a future, resolved by a reader thread when the answer with its identifier
-    arrives; when the streams end (the worker exited), every waiting future fails with
-    :class:`WorkerStoppedError`.
-    """
-
-    def _open(self, writer: Any, reader: Any) -> None:
-        self._writer, self._reader = writer, reader
-        self._futures: dict[int, Future] = {}
-        self._lock = threading.Lock()
-        self._identifiers = itertools.count()
-        self._stopped = False
-        threading.Thread(target=self._read_answers, name="cnnkit-explain-reader", daemon=True).start()
-
-    @property
-    def pid(self) -> int | None:
-        raise NotImplementedError
-
-    @property
-    def alive(self) -> bool:
-        return not self._stopped
-
-    def submit(self, function: str, *args: Any) -> Future:
-        future: Future = Future()
-        with self._lock:
-            if not self.alive:
-                raise WorkerStoppedError("the explanation worker is not running")
-            identifier = next(self._identifiers)
-            self._futures[identifier] = future
-            try:
-                explain_worker.write_message(self._writer, (identifier, function, args))
-            except (BrokenPipeError, OSError, ValueError) as error:
-                del self._futures[identifier]
-                raise WorkerStoppedError(f"the explanation worker is not running ({error})") from error
-        return future
-
-    def _read_answers(self) -> None:
-        try:
-            while (message := explain_worker.read_message(self._reader)) is not None:
-                identifier, ok, result = message
-                with self._lock:
-                    future = self._futures.pop(identifier, None)
-                if future is not None:
-                    future.set_result(result) if ok else future.set_exception(result)
-        except Exception:  # noqa: BLE001 - a torn answer: the worker died mid-write.
-            if not self._stopped:
-                logger.exception("reading from the explanation worker failed")
-        status = self._ended()
-        with self._lock:
-            self._stopped = True
-            waiting, self._futures = list(self._futures.values()), {}
-        if waiting:
-            logger.error("the explanation worker %s", status)
-        for future in waiting:
-            future.set_exception(WorkerStoppedError(f"the explanation worker {status}"))
-
-    def _ended(self) -> str:
-        """Called by the reader when the answers stop; says how the worker ended."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-def _worker_command(threads: int, niceness: int, *extra: str) -> tuple[list[str], dict[str, str], str]:
-    project = str(Path(__file__).resolve().parents[2])
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [project, environment.get("PYTHONPATH")]))
-    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    command = [sys.executable, "-m", "cnnkit.serving.explain_worker", str(threads), str(niceness), *extra]
-    return command, environment, project
-
-
-class WorkerProcess(_WorkerChannel):
-    """``python -m cnnkit.serving.explain_worker`` as this process's own child, spoken to on pipes.
-
-    A plain subprocess rather than multiprocessing: spawn would re-import the parent's ``__main__``
-    (BentoML's worker, pytest, a user's script), which is neither safe nor cheap.
-    """
-
-    def __init__(self, threads: int, niceness: int):
-        command, environment, project = _worker_command(threads, niceness)
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        env=environment, cwd=project)
-        self._open(self.process.stdin, self.process.stdout)
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
-    @property
-    def alive(self) -> bool:
-        return not self._stopped and self.process.poll() is None
-
-    def _ended(self) -> str:
-        return f"exited with status {self.process.wait()}"
-
-    def close(self) -> None:
-        with self._lock:
-            self._stopped = True
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                stream.close()
-
-
-class SharedWorker(_WorkerChannel):
+class SharedWorker(WorkerChannel):
     """The host's one explanation worker, shared by the server processes of ``cnnkit serve --workers N``.
 
     The worker listens on a Unix socket in the service's private folder. The first server process
@@ -255,7 +141,8 @@ class SharedWorker(_WorkerChannel):
                     raise WorkerStoppedError(f"the explanation worker exited with status {self.process.returncode}")
                 # Nobody listens (or the one that won the lock is still binding): start one; if another
                 # process's worker holds the lock, ours exits at once and we connect to theirs.
-                command, environment, project = _worker_command(threads, niceness, "--socket", str(self.socket_path))
+                command, environment, project = worker_command(EXPLAIN_WORKER, str(threads), str(niceness),
+                                                               "--socket", str(self.socket_path))
                 self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment, cwd=project)
             if time.monotonic() > deadline:
                 raise WorkerStoppedError(f"no explanation worker listens on {self.socket_path}")
@@ -307,7 +194,7 @@ class Explanations:
         self.timeout = timeout
         self.max_queue = max_queue
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self._worker: _WorkerChannel | None = None
+        self._worker: WorkerChannel | None = None
         self._lock = threading.Lock()
         self._pending = 0
         self._patterns: dict[tuple, _PatternEntry] = {}
@@ -322,7 +209,7 @@ class Explanations:
 
     # The worker --------------------------------------------------------------------------------
 
-    def _running_worker(self) -> _WorkerChannel:
+    def _running_worker(self) -> WorkerChannel:
         with self._lock:
             if self._worker is None or not self._worker.alive:
                 if self._worker is not None:
@@ -331,7 +218,7 @@ class Explanations:
                 if self.shared_socket is not None:
                     self._worker = SharedWorker(self.threads, self.niceness, self.shared_socket)
                 else:
-                    self._worker = WorkerProcess(self.threads, self.niceness)
+                    self._worker = WorkerProcess(EXPLAIN_WORKER, str(self.threads), str(self.niceness))
                 self.workers_started += 1
             return self._worker
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import pickle
 import queue
 import socket
 import sys
@@ -26,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from cnnkit.serving import workers
 
 # A few loaded SavedModels per worker, the most recently used kept (versions are immutable).
 _LOADED: OrderedDict[str, Any] = OrderedDict()
@@ -76,45 +77,13 @@ def filter_patterns(path: str, metadata: dict[str, Any], layer: str, filters: li
 FUNCTIONS: dict[str, Callable[..., Any]] = {"warm_up": warm_up, "gradcam": gradcam, "filter_patterns": filter_patterns}
 
 
-def read_message(stream) -> Any:
-    header = stream.read(8)
-    if len(header) < 8:
-        return None
-    size = int.from_bytes(header, "little")
-    return pickle.loads(stream.read(size))
-
-
-def write_message(stream, message: Any) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(len(data).to_bytes(8, "little") + data)
-    stream.flush()
-
-
 ALREADY_SERVING = 3
 
 
-def _answer(write, identifier: int, name: str, args: tuple) -> None:
-    try:
-        write((identifier, True, FUNCTIONS[name](*args)))
-    except Exception as error:  # noqa: BLE001 - every failure goes back to the caller.
-        try:
-            write((identifier, False, error))
-        except Exception:  # noqa: BLE001 - an exception that does not pickle
-            write((identifier, False, RuntimeError(f"{type(error).__name__}: {error}")))
-
-
 def serve_pipes(threads: int, niceness: int) -> None:
-    """Serve requests ``(id, function, args)`` from stdin, answering ``(id, ok, result)`` on stdout.
-
-    Only the parent speaks to this process, through pipes it created, so pickle is safe here. The
-    protocol keeps the original stdout; anything TensorFlow prints goes to stderr instead.
-    """
-    answers = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    requests = os.fdopen(0, "rb")
+    """Answer the parent that started this worker, on stdin/stdout."""
     initialise(threads, niceness)
-    while (message := read_message(requests)) is not None:
-        _answer(lambda answer: write_message(answers, answer), *message)
+    workers.serve_pipes(FUNCTIONS)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -152,10 +121,10 @@ def serve_socket(path: str, threads: int, niceness: int) -> int:
 
         def write(answer: Any) -> None:
             with writing, contextlib.suppress(OSError, ValueError):  # the client went away
-                write_message(writer, answer)
+                workers.write_message(writer, answer)
 
         with contextlib.suppress(OSError, ValueError):
-            while (message := read_message(reader)) is not None:
+            while (message := workers.read_message(reader)) is not None:
                 work.put((write, message))
         connection.close()
 
@@ -169,7 +138,7 @@ def serve_socket(path: str, threads: int, niceness: int) -> int:
     initialise(threads, niceness)
     while True:
         write, message = work.get()
-        _answer(write, *message)
+        workers.answer(write, FUNCTIONS, *message)
 
 
 def main() -> None:

@@ -139,7 +139,7 @@ def tensor_from_json(
     value: Any, input_shape: Sequence[int], limits: InputLimits = DEFAULT_LIMITS
 ) -> np.ndarray:
     """Nested JSON number lists as a validated float32 batch."""
-    if not isinstance(value, list):
+    if not isinstance(value, list | np.ndarray):
         raise InvalidInputError(f"Expected a nested list of numbers, got {type(value).__name__}.")
     # The body-size limit bounds how many numbers can arrive; the batch limit is checked here.
     expected = math.prod(int(size) for size in input_shape)

@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from cnnkit.errors import InvalidInputError
 
@@ -23,6 +33,16 @@ def _not_a_bool(value: Any) -> Any:
         raise ValueError("must be an integer, not true or false")
     return value
 
+
+def _list_or_array(value: Any) -> Any:
+    if isinstance(value, list | np.ndarray):
+        return value
+    raise ValueError("must be a nested list of numbers")
+
+
+# Nested lists of numbers; a long one arrives already parsed into a numpy array (large bodies are
+# parsed by the JSON worker, cnnkit.serving.json_worker). The documented schema is a JSON array.
+PixelTensor = Annotated[Any, PlainValidator(_list_or_array), WithJsonSchema({"type": "array", "items": {}})]
 
 # Integers may arrive as JSON numbers or, from multipart forms, as strings ("3"); true/false is refused.
 Integer = Annotated[int, BeforeValidator(_not_a_bool)]
@@ -47,7 +67,7 @@ class PredictJsonRequest(PredictRequest):
     """``POST /predict_json``: base64 image files or a pixel tensor."""
 
     images: list[str] | None = Field(None, description="Encoded image files (JPEG, PNG, ...) in base64.")
-    instances: list[Any] | None = Field(None, description="Raw pixels 0..255, (N, H, W, C) or (H, W, C).")
+    instances: PixelTensor | None = Field(None, description="Raw pixels 0..255, (N, H, W, C) or (H, W, C).")
 
     @model_validator(mode="after")
     def _one_input(self) -> PredictJsonRequest:

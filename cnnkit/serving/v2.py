@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,7 @@ def check_shape(shape: Any, where: str) -> list[int]:
 
 
 def element_count(shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(int(size) for size in shape)  # Python integers: a huge shape cannot wrap around
 
 
 def numeric_from_bytes(raw: bytes, datatype: str, shape: list[int], where: str) -> np.ndarray:
@@ -138,6 +139,11 @@ def _flatten(data: Any) -> list[Any]:
 
 def numeric_from_json(data: Any, datatype: str, shape: list[int], where: str) -> np.ndarray:
     """JSON ``data`` (flat or nested, row-major) as an array of ``shape``."""
+    if isinstance(data, np.ndarray):  # a long number list the JSON worker parsed into an array
+        if data.size != element_count(shape):
+            raise InvalidInputError(f"{where}: {data.size} values for shape {shape} "
+                                    f"({element_count(shape)} expected).")
+        return data.reshape(shape)
     flat = _flatten(data)
     if len(flat) != element_count(shape):
         raise InvalidInputError(f"{where}: {len(flat)} values for shape {shape} "

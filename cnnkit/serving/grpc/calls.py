@@ -37,3 +37,42 @@ def rpc(endpoint: str, model_of: Callable[[Any], str]) -> Callable:
         return wrapped
 
     return decorate
+
+
+class _Undecodable:
+    """What a request that is not a valid message of its method's type decodes to."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class DecodeErrorInterceptor(grpc.ServerInterceptor):
+    """Answer a request that does not parse as its method's message with INVALID_ARGUMENT.
+
+    grpcio answers a failed deserialisation with INTERNAL ("Exception deserializing request!"),
+    which reads as the server's fault; the bytes are the client's. Every unary method's decoder is
+    wrapped so that a failure becomes a marker the handler refuses with a message instead.
+    """
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if (handler is None or handler.request_streaming or handler.unary_unary is None
+                or handler.request_deserializer is None):
+            return handler
+        decode, behaviour = handler.request_deserializer, handler.unary_unary
+        method = handler_call_details.method
+
+        def tolerant_decode(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as error:  # noqa: BLE001 - whatever the message parser raises
+                return _Undecodable(error)
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"The request is not a valid message for {method}: "
+                              f"{str(request.error)[:100] or type(request.error).__name__}.")
+            return behaviour(request, context)
+
+        return handler._replace(request_deserializer=tolerant_decode, unary_unary=guarded)

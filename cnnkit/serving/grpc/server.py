@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -30,7 +31,7 @@ from cnnkit.serving import metrics
 from cnnkit.serving.auth import key_matches, presented_key
 from cnnkit.serving.core import InferenceCore
 from cnnkit.serving.grpc import v2
-from cnnkit.serving.grpc.calls import abort, rpc
+from cnnkit.serving.grpc.calls import DecodeErrorInterceptor, abort, rpc
 from cnnkit.serving.inputs import check_batch, check_count, decode_base64, decode_image, decode_images
 from cnnkit.serving.logs import identify_call
 from cnnkit.serving.model_store import LoadedModel
@@ -71,8 +72,35 @@ def _version_of(model_spec) -> int | None:
     return None
 
 
+def check_declared_shape(proto, model: LoadedModel, limits) -> None:
+    """Refuse a TensorProto whose declared shape is more than a request may hold, before anything
+    is allocated for it: TF's rules fill a short tensor up to its shape (repeating the last value),
+    so a 49-byte message could otherwise claim gigabytes."""
+    if proto.tensor_shape.unknown_rank:
+        raise InvalidInputError("The input tensor has an unknown rank; give its shape.")
+    dims = [int(dim.size) for dim in proto.tensor_shape.dim]
+    if any(size < 0 for size in dims):
+        raise InvalidInputError(f"The input tensor's shape {dims[:8]} has an unknown (negative) size.")
+    count = math.prod(dims)  # Python integers: no overflow
+    if proto.dtype == types_pb2.DT_STRING:
+        check_count(count, limits)
+        if len(proto.string_val) != count:
+            raise InvalidInputError(f"The input tensor holds {len(proto.string_val)} strings for shape {dims[:8]}; "
+                                    f"send one encoded image per element.")
+        return
+    if len(dims) == len(model.input_shape) + 1:
+        check_count(dims[0], limits)  # a batch of images: the usual message about the batch size
+    per_image = math.prod(int(size) for size in model.input_shape)
+    if count > per_image * limits.max_batch:
+        raise InvalidInputError(
+            f"The input tensor's shape {dims[:8]} holds {count} values, more than {limits.max_batch} images of "
+            f"{tuple(model.input_shape)}; the limit is {limits.max_batch} images per request."
+        )
+
+
 def images_from_tensor(proto, model: LoadedModel, limits) -> np.ndarray:
     """A TensorProto of pixels (any real dtype) or of encoded image bytes, as a float32 batch."""
+    check_declared_shape(proto, model, limits)
     if proto.dtype == types_pb2.DT_STRING:
         return decode_images(list(proto.string_val), model.input_shape, limits)
     try:
@@ -354,7 +382,8 @@ def build_server(core: InferenceCore, *, host: str = "127.0.0.1", port: int = 85
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cnnkit-grpc"),
-        interceptors=[ApiKeyInterceptor(api_key)] if api_key else [],
+        # The key is checked before the request is decoded; undecodable requests are refused clearly.
+        interceptors=[*([ApiKeyInterceptor(api_key)] if api_key else []), DecodeErrorInterceptor()],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

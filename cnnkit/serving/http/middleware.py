@@ -2,11 +2,12 @@
 
 The API key (setting ``api_key``) guards every route but health checks. HTTP clients send it as
 ``x-api-key: KEY`` or ``Authorization: Bearer KEY``; gRPC clients as the same metadata. Keys are
-compared in constant time. The body limit answers 413 before a too-large upload is read.
+compared in constant time. The body limit answers 413 to a body over the limit, declared or chunked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from cnnkit.serving.auth import key_matches, presented_key
@@ -57,23 +58,79 @@ class MountRootMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuse requests whose Content-Length is over ``limit`` bytes with 413, before reading them.
+    """Refuse request bodies over ``limit`` bytes with 413, whether declared or streamed chunked.
 
-    Chunked uploads without a length are left to the routes' own checks (image and body sizes).
+    A ``Content-Length`` over the limit is refused before the app sees the request; a chunked body
+    is counted as the app reads it, and the moment it passes the limit the app is told the client
+    went away (so it stops reading and holds no more of it) and the client gets the 413. Before
+    answering, the rest of the body is read and thrown away, up to ``drain_bytes`` or
+    ``drain_seconds``: a server that closes a connection with unread data makes the client's
+    kernel see a reset instead of the answer. Beyond those bounds the connection is just closed.
     """
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, drain_bytes: int = 128 * 1024 * 1024, drain_seconds: float = 5.0):
         self.app = app
         self.limit = limit
+        self.drain_bytes = drain_bytes
+        self.drain_seconds = drain_seconds
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    await _send_json(send, 413, f"The request body is {int(value)} bytes; "
-                                                f"the limit is {self.limit} bytes.")
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.strip().isdigit() and int(value) > self.limit:
+                await self._drain(receive)
+                await _send_json(send, 413, f"The request body is {int(value)} bytes; "
+                                            f"the limit is {self.limit} bytes.")
+                return
+        received = 0
+        refused = False
+        answered = False
+
+        async def counting_receive():
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    refused = True
+                    if message.get("more_body"):
+                        await self._drain(receive)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal answered
+            if refused:
+                return  # the app's answer to the "disconnect"; the client gets the 413 instead
+            answered = True
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+        if refused and not answered:
+            await _send_json(send, 413, f"The request body passed the limit of {self.limit} bytes.")
+
+    async def _drain(self, receive) -> None:
+        """Read and discard the rest of the body, within the drain bounds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_seconds
+        drained = 0
+        while drained <= self.drain_bytes:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), remaining)
+            except TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
 
 
 class ValidationAnswerMiddleware:

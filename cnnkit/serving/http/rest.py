@@ -14,8 +14,6 @@ TF-Serving REST compatibility (https://www.tensorflow.org/tfx/serving/api_rest):
 
 from __future__ import annotations
 
-import asyncio
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cnnkit.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, ServingError
+from cnnkit.errors import InvalidInputError, NotFoundError, ServingError
 from cnnkit.repository import TensorSpec
 from cnnkit.serving import metrics
 from cnnkit.serving.core import InferenceCore
+from cnnkit.serving.http.bodies import off_loop_if_large, parse_json, read_body
 from cnnkit.serving.http.errors import error_response
 from cnnkit.serving.inputs import check_batch, check_count, decode_base64, decode_image
 from cnnkit.serving.model_store import LoadedModel
@@ -37,25 +36,16 @@ from cnnkit.serving.model_store import LoadedModel
 MODEL_PATH = re.compile(r"^/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<rest>.*)$")
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    body = await request.body()
-    if len(body) > limit:
-        raise PayloadTooLargeError(f"The body is {len(body)} bytes; the limit is {limit} bytes.")
-    if not body:
-        raise InvalidInputError("The body is empty: send a JSON object.")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidInputError(f"Malformed JSON: {error}") from error
-
-
-def _instance_to_image(value: Any, model: LoadedModel, core: InferenceCore) -> np.ndarray:
+def _instance_to_image(value: Any, model: LoadedModel, core: InferenceCore, *, named: bool = False) -> np.ndarray:
+    """One instance: a pixel array, ``{"b64": ...}``, or either of those named ``{"image": ...}`` (once)."""
     if isinstance(value, dict):
         if set(value) == {"b64"}:
             return decode_image(decode_base64(value["b64"]), model.input_shape, core.limits).astype(np.float32)
-        if "image" in value and len(value) == 1:
-            return _instance_to_image(value["image"], model, core)
-        raise InvalidInputError(f"Unknown instance keys {sorted(value)}; the input is named 'image'.")
+        if set(value) == {"image"} and not named:
+            return _instance_to_image(value["image"], model, core, named=True)
+        keys = sorted(str(key)[:40] for key in value)[:8]
+        raise InvalidInputError(f"Unknown instance keys {keys}; an instance is a pixel array, {{\"b64\": ...}} "
+                                f"or {{\"image\": one of those}}.")
     if isinstance(value, list):
         try:
             array = np.asarray(value, dtype=np.float64)
@@ -79,6 +69,8 @@ def tf_request_images(body: Any, model: LoadedModel, core: InferenceCore) -> tup
         values = values["image"]
     if isinstance(values, dict) and set(values) == {"b64"}:
         values = [values]
+    if isinstance(values, np.ndarray):  # a long list of numbers, parsed into an array already
+        return check_batch(values, model.input_shape, core.limits), row_format
     if not isinstance(values, list):
         raise InvalidInputError("The images must be a list.")
     check_count(len(values), core.limits)
@@ -124,10 +116,14 @@ def build_tf_serving_app(get_core: Callable[[], InferenceCore]) -> Starlette:
 
 async def _predict(request: Request, core: InferenceCore, model: LoadedModel) -> Response:
     core.admit(model, on_loop=True)
-    body = await read_json(request, core.limits.max_body_bytes)
+    raw = await read_body(request, core.limits.max_body_bytes)
+    # Small bodies are parsed and converted in the event loop, large ones in a worker thread.
+    body = await parse_json(raw)
     signature = body.get("signature_name", "serving_default") if isinstance(body, dict) else ""
+    if not isinstance(signature, str):
+        raise InvalidInputError("'signature_name' must be a string.")
     outputs = model.signature_outputs(signature)
-    images, row_format = await asyncio.to_thread(tf_request_images, body, model, core)  # decoding off the loop
+    images, row_format = await off_loop_if_large(len(raw), tf_request_images, body, model, core)
     values = await core.predict_async(model, images, outputs)
     if row_format:
         rows = [{name: value[index].tolist() for name, value in values.items()} for index in range(len(images))]

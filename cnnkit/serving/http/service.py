@@ -21,6 +21,7 @@ import base64
 import functools
 import inspect
 import logging
+import math
 import os
 import signal
 import threading
@@ -31,6 +32,7 @@ from typing import Annotated, Any
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 import bentoml  # noqa: E402
+import numpy as np  # noqa: E402
 from bentoml import IODescriptor  # noqa: E402
 from bentoml.validators import ContentType  # noqa: E402
 from pydantic import BaseModel, ValidationError, create_model  # noqa: E402
@@ -39,6 +41,7 @@ from cnnkit.errors import ServingError  # noqa: E402
 from cnnkit.repository import resolve_repository  # noqa: E402
 from cnnkit.serving import metrics  # noqa: E402
 from cnnkit.serving.core import InferenceCore  # noqa: E402
+from cnnkit.serving.http.bodies import JSON_WORKER, off_loop_if_large, parse_json, read_body  # noqa: E402
 from cnnkit.serving.http.errors import error_response  # noqa: E402
 from cnnkit.serving.http.middleware import (  # noqa: E402
     ApiKeyMiddleware,
@@ -97,7 +100,14 @@ class _RequestBody(IODescriptor):
     @classmethod
     async def from_http_request(cls, request: Any, serde: Any) -> IODescriptor:
         try:
-            return await super().from_http_request(request, serde)
+            if cls.multipart_fields or not _is_json(request.headers.get("content-type")):
+                return await super().from_http_request(request, serde)
+            # JSON bodies are read here rather than by BentoML: counted against the body limit as
+            # they stream, and validated in a worker thread when large, so that one 20 MB body does
+            # not hold up the event loop (health checks, every other request) while it is parsed.
+            body = await read_body(request, SETTINGS.max_body_bytes * 4 // 3 + 64 * 1024)
+            fields = await parse_json(body) if body.strip() else {}
+            return await off_loop_if_large(len(body), cls.model_validate, fields)
         except ValidationError:
             raise
         except Exception as error:  # noqa: BLE001 - whatever the body parser raises
@@ -106,6 +116,11 @@ class _RequestBody(IODescriptor):
                 "type": "value_error", "loc": ("body",), "input": None,
                 "ctx": {"error": ValueError(f"The body could not be read as {content_type}: {error}")},
             }]) from error
+
+
+def _is_json(content_type: str | None) -> bool:
+    media_type = (content_type or "application/json").split(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
 
 
 def input_spec(request: type[BaseModel], **files: type) -> type[IODescriptor]:
@@ -169,18 +184,6 @@ def route(endpoint: str) -> Callable:
         return answer
 
     return decorate
-
-
-# Image files up to this size are decoded in the event loop: a 28x28 PNG decodes in about 50 µs,
-# less than handing it to a worker thread costs; larger files (photos) go to a thread.
-INLINE_DECODE_BYTES = 32 * 1024
-
-
-async def _off_loop_if_large(size: int, function, *args):
-    """``function(*args)`` in the event loop for small inputs, else in a worker thread."""
-    if size <= INLINE_DECODE_BYTES:
-        return function(*args)
-    return await asyncio.to_thread(function, *args)
 
 
 def session_threads(settings: Settings) -> int | None:
@@ -296,6 +299,7 @@ class Classifier:
             # In-flight calls finish; new ones are refused.
             self.grpc_server.stop(grace=self.settings.drain_timeout).wait(self.settings.drain_timeout + 1)
         self.core.close()
+        JSON_WORKER.close()
         logger.info("stopped")
 
     @bentoml.api(route="/predict", input_spec=input_spec(PredictRequest, image=Path))
@@ -308,7 +312,7 @@ class Classifier:
         # Large files are decoded in a worker thread (Pillow releases the GIL): in the event
         # loop they would be decoded one concurrent request after the other.
         data = Path(fields["image"]).read_bytes()
-        pixels = await _off_loop_if_large(len(data), decode_image, data, served.input_shape, self.core.limits)
+        pixels = await off_loop_if_large(len(data), decode_image, data, served.input_shape, self.core.limits)
         result = await self.core.classify_async(served, pixels[None].astype("float32"), request.top_k)
         return result.to_dict()
 
@@ -322,10 +326,14 @@ class Classifier:
         if request.images is not None:
             check_count(len(request.images), self.core.limits)  # before decoding any base64
             files = [decode_base64(text) for text in request.images]
-            batch = await _off_loop_if_large(sum(map(len, files)), decode_images, files,
+            batch = await off_loop_if_large(sum(map(len, files)), decode_images, files,
                                              served.input_shape, self.core.limits)
         else:
-            batch = tensor_from_json(request.instances, served.input_shape, self.core.limits)
+            # Pixel tensors of more than a few small images are converted in a worker thread.
+            pixels = request.instances
+            per_image = math.prod(served.input_shape)
+            values = pixels.size if isinstance(pixels, np.ndarray) else len(pixels or []) * per_image
+            batch = await off_loop_if_large(values, tensor_from_json, pixels, served.input_shape, self.core.limits)
         return (await self.core.classify_async(served, batch, request.top_k)).to_dict()
 
     @bentoml.api(route="/feature_maps", input_spec=input_spec(FeatureMapsRequest, image=Path))

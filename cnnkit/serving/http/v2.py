@@ -26,9 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cnnkit.errors import InvalidInputError, PayloadTooLargeError, ServingError, UnavailableError
+from cnnkit.errors import InvalidInputError, ServingError, UnavailableError
 from cnnkit.serving import metrics, v2
 from cnnkit.serving.core import InferenceCore
+from cnnkit.serving.http.bodies import PROCESS_BYTES, loads_json, off_loop_if_large, parse_json, read_body
 from cnnkit.serving.http.errors import error_response
 from cnnkit.serving.model_store import LoadedModel
 
@@ -36,10 +37,7 @@ HEADER_LENGTH = "inference-header-content-length"
 
 
 def _parse_json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidInputError(f"Malformed JSON: {error}") from error
+    body = loads_json(raw)
     if not isinstance(body, dict):
         raise InvalidInputError("The inference request must be a JSON object.")
     return body
@@ -204,24 +202,26 @@ def build_v2_app(get_core: Callable[[], InferenceCore]) -> Starlette:
 
     async def infer(core: InferenceCore, request: Request) -> Response:
         model = model_of(core, request)
-        limit = core.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(f"The body is {declared} bytes; the limit is {limit} bytes.")
         if request.headers.get("content-encoding", "identity") not in ("identity", ""):
             raise InvalidInputError("Compressed requests (Content-Encoding) are not supported; send them plain.")
-        body_bytes = await request.body()
-        if len(body_bytes) > limit:
-            raise PayloadTooLargeError(f"The body is {len(body_bytes)} bytes; the limit is {limit} bytes.")
+        body_bytes = await read_body(request, core.limits.max_body_bytes)
         if not body_bytes:
             raise InvalidInputError("The body is empty: send an inference request.")
-        body, binary = split_body(body_bytes, request.headers.get(HEADER_LENGTH))
+        # Small requests are parsed and decoded in the event loop (cheaper than a thread hand-off
+        # under load); large ones in a worker thread, so the loop keeps answering everyone else.
+        header_length = request.headers.get(HEADER_LENGTH)
+        if header_length is None and len(body_bytes) > PROCESS_BYTES:
+            body, binary = await parse_json(body_bytes), b""  # a large JSON-only request
+            if not isinstance(body, dict):
+                raise InvalidInputError("The inference request must be a JSON object.")
+        else:
+            body, binary = await off_loop_if_large(len(body_bytes), split_body, body_bytes, header_length)
         requested = requested_outputs(body)
         wanted = v2.choose_outputs(model, requested.names)
         if set(wanted) <= set(v2.DEFAULT_OUTPUTS):
             core.admit(model, on_loop=True)
         tensor = v2.single_input(decode_inputs(body, binary))
-        images = await asyncio.to_thread(v2.images_from_input, tensor, model, core.limits)
+        images = await off_loop_if_large(len(body_bytes), v2.images_from_input, tensor, model, core.limits)
         values = await core.predict_async(model, images, wanted)
         return infer_response(model, body.get("id"), values, requested)
 

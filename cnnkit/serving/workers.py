@@ -1,0 +1,177 @@
+"""Helper processes of the service, spoken to with length-prefixed pickles on two streams.
+
+Two kinds of work run outside the serving process: explanations (TensorFlow gradients,
+:mod:`cnnkit.serving.explain_worker`) and parsing large JSON bodies
+(:mod:`cnnkit.serving.json_worker`), which would otherwise hold the serving process's interpreter
+lock, and with it the event loop and every other request, for the whole parse.
+
+A worker is a plain subprocess (``python -m MODULE ARGS``) rather than multiprocessing: spawn
+would re-import the parent's ``__main__`` (BentoML's worker, pytest, a user's script), which is
+neither safe nor cheap. Only the parent speaks to it, through pipes it created, so pickle is safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def read_message(stream) -> Any:
+    header = stream.read(8)
+    if len(header) < 8:
+        return None
+    size = int.from_bytes(header, "little")
+    return pickle.loads(stream.read(size))
+
+
+def write_message(stream, message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(data).to_bytes(8, "little") + data)
+    stream.flush()
+
+
+def answer(write: Callable[[Any], None], functions: dict[str, Callable[..., Any]], identifier: int, name: str,
+           args: tuple) -> None:
+    """Run ``functions[name](*args)`` and write ``(identifier, ok, result or exception)``."""
+    try:
+        write((identifier, True, functions[name](*args)))
+    except Exception as error:  # noqa: BLE001 - every failure goes back to the caller.
+        try:
+            write((identifier, False, error))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            write((identifier, False, RuntimeError(f"{type(error).__name__}: {error}")))
+
+
+def serve_pipes(functions: dict[str, Callable[..., Any]]) -> None:
+    """In the worker: serve ``(id, function, args)`` from stdin, answering on stdout.
+
+    The protocol keeps the original stdout; anything the work prints goes to stderr instead.
+    """
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    requests = os.fdopen(0, "rb")
+    while (message := read_message(requests)) is not None:
+        answer(lambda reply: write_message(answers, reply), functions, *message)
+
+
+class WorkerStoppedError(Exception):
+    """The worker process exited (crashed, killed or out of memory)."""
+
+
+class WorkerChannel:
+    """Requests to a worker and its answers: each request gets a future, resolved by a reader
+    thread when the answer with its identifier arrives; when the streams end (the worker exited),
+    every waiting future fails with :class:`WorkerStoppedError`."""
+
+    def _open(self, writer: Any, reader: Any) -> None:
+        self._writer, self._reader = writer, reader
+        self._futures: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._identifiers = itertools.count()
+        self._stopped = False
+        threading.Thread(target=self._read_answers, name="cnnkit-worker-reader", daemon=True).start()
+
+    @property
+    def pid(self) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped
+
+    def submit(self, function: str, *args: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if not self.alive:
+                raise WorkerStoppedError("the worker is not running")
+            identifier = next(self._identifiers)
+            self._futures[identifier] = future
+        # Writing may block until the worker reads (a large message fills the pipe): it holds only
+        # the write lock, so answers keep being delivered meanwhile.
+        with self._write_lock:
+            try:
+                write_message(self._writer, (identifier, function, args))
+            except (BrokenPipeError, OSError, ValueError) as error:
+                with self._lock:
+                    self._futures.pop(identifier, None)
+                raise WorkerStoppedError(f"the worker is not running ({error})") from error
+        return future
+
+    def _read_answers(self) -> None:
+        try:
+            while (message := read_message(self._reader)) is not None:
+                identifier, ok, result = message
+                with self._lock:
+                    future = self._futures.pop(identifier, None)
+                if future is not None:
+                    future.set_result(result) if ok else future.set_exception(result)
+        except Exception:  # noqa: BLE001 - a torn answer: the worker died mid-write.
+            if not self._stopped:
+                logger.exception("reading from a worker process failed")
+        status = self._ended()
+        with self._lock:
+            self._stopped = True
+            waiting, self._futures = list(self._futures.values()), {}
+        if waiting:
+            logger.error("the worker %s", status)
+        for future in waiting:
+            future.set_exception(WorkerStoppedError(f"the worker {status}"))
+
+    def _ended(self) -> str:
+        """Called by the reader when the answers stop; says how the worker ended."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def worker_command(module: str, *args: str) -> tuple[list[str], dict[str, str], str]:
+    """The command line, environment and folder that start ``python -m module args``."""
+    project = str(Path(__file__).resolve().parents[2])
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [project, environment.get("PYTHONPATH")]))
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return [sys.executable, "-m", module, *args], environment, project
+
+
+class WorkerProcess(WorkerChannel):
+    """``python -m MODULE ARGS`` as this process's own child, spoken to on pipes."""
+
+    def __init__(self, module: str, *args: str):
+        command, environment, project = worker_command(module, *args)
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=environment, cwd=project)
+        self._open(self.process.stdin, self.process.stdout)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and self.process.poll() is None
+
+    def _ended(self) -> str:
+        return f"exited with status {self.process.wait()}"
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,86 @@
+"""The hostile-input corpus (cnnkit.loadtests.hostile, generated in memory) against the shared real
+service on 127.0.0.1.
+
+Each case must be refused with a 4xx / INVALID_ARGUMENT and a message, without the server
+allocating what the request claims or its event loop stalling (health checks keep answering), and
+the service must keep serving afterwards. ``benchmarks/hostile_input.py`` measures the same cases.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from cnnkit.loadtests.hostile import corpus, digit_png
+
+pytestmark = pytest.mark.data
+
+CASES = {case.name: case for case in corpus()}
+
+
+def _resident(pid: int) -> int:
+    root = psutil.Process(pid)
+    return sum(process.memory_info().rss for process in [root, *root.children(recursive=True)])
+
+
+class HealthProbe(threading.Thread):
+    """GET /livez every 20 ms until stopped, keeping each latency."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url = url
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=5) as probe:
+            while not self.stopping.is_set():
+                started = time.perf_counter()
+                try:
+                    if probe.get("/livez").status_code != 200:
+                        self.failures.append("not 200")
+                except httpx.HTTPError as error:
+                    self.failures.append(type(error).__name__)
+                self.latencies.append(time.perf_counter() - started)
+                self.stopping.wait(0.02)
+
+    def __enter__(self) -> HealthProbe:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping.set()
+        self.join()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_input_is_refused_clearly_and_the_service_keeps_serving(service, name):
+    case = CASES[name]
+    before = _resident(service.pid)
+    with HealthProbe(service.url) as health:
+        outcomes = case.send(service.url, service.grpc_target)
+    for outcome in outcomes:
+        assert case.accepts(outcome), (outcome.status, outcome.message[:400])
+        assert outcome.seconds < 10, outcome.seconds  # milliseconds to a few seconds (benchmarked)
+        assert "\n" not in outcome.message.strip()
+    # Nothing like what the request claims (gigabytes) was allocated.
+    assert _resident(service.pid) - before < 300 * 2**20
+    # The issue measured /livez missing a 1 s timeout in 83% of probes during the 19 MB bodies;
+    # the aim is 50 ms, which benchmarks/hostile_input.py reports.
+    assert not health.failures and max(health.latencies, default=0) < 1.0, sorted(health.latencies)[-3:]
+    answer = httpx.post(f"{service.url}/predict_json", timeout=30, json={
+        "model": "digits", "images": [base64.b64encode(digit_png()).decode()]})
+    assert answer.status_code == 200, answer.text
+
+
+def test_an_image_named_image_once_is_still_accepted(service):
+    """TF Serving's named-input form {"image": {"b64": ...}} stays valid; only repeats are refused."""
+    answer = httpx.post(f"{service.url}/v1/models/digits:predict", timeout=30, json={
+        "instances": [{"image": {"b64": base64.b64encode(digit_png()).decode()}}]})
+    assert answer.status_code == 200, answer.text
