@@ -167,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cnnkit.repository import resolve_repository, scan_repository
-    from cnnkit.settings import SETTINGS_FILE_ENV, load_settings, write_settings_file
+    from cnnkit.settings import SERVER_PID_ENV, SETTINGS_FILE_ENV, load_settings, write_settings_file
 
     settings = load_settings(args.config, model_repository=args.repository, host=args.host,
                              http_port=args.http_port, grpc_port=args.grpc_port, log_level=args.log_level,
@@ -182,6 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The service's processes read the resolved settings from this file, once.
     os.environ[SETTINGS_FILE_ENV] = str(write_settings_file(settings, tempfile.mkdtemp(prefix="cnnkit-serve-")))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    os.environ[SERVER_PID_ENV] = str(os.getpid())  # BentoML runs in this process (exec below)
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
     if bentoml is None:
         raise UserError("BentoML is not installed: pip install 'cnnkit[serving]'.")

@@ -55,13 +55,24 @@ class ExplainError(UserError, ValueError):
 # The service -----------------------------------------------------------------------------------
 
 
+def shown(value: object, limit: int = 100) -> str:
+    """``repr``-free text of a client's value for an error message, cut to about ``limit`` characters
+    (a 100 KB model name must not become a 100 KB status message)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class ServingError(UserError):
-    """A request the service refuses, with a message for the caller."""
+    """A request the service refuses, with a message for the caller (at most MAX_MESSAGE characters:
+    whatever a message quotes from the request, it stays readable)."""
 
     http_status = 400
     grpc_code = "INVALID_ARGUMENT"
+    MAX_MESSAGE = 1000
 
     def __init__(self, message: str):
+        if len(message) > self.MAX_MESSAGE:
+            message = f"{message[:self.MAX_MESSAGE - 200]} ... {message[-150:]}"
         super().__init__(message)
         self.message = message
 

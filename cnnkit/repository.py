@@ -184,6 +184,37 @@ def list_versions(model_dir: Path) -> list[int]:
                   if entry.is_dir() and entry.name.isdigit() and int(entry.name) > 0)
 
 
+LAST_VERSION_FILE = ".last_version"
+
+
+def last_version(model_dir: Path) -> int:
+    """The highest version number ever published under ``model_dir`` (0 if none was recorded)."""
+    try:
+        return int((model_dir / LAST_VERSION_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def record_version(model_dir: Path, version: int) -> None:
+    """Remember ``version`` as published, so that no later export reuses its number."""
+    from cnnkit.io import atomic_write_text
+
+    if version > last_version(model_dir):
+        atomic_write_text(model_dir / LAST_VERSION_FILE, f"{version}\n")
+
+
+def version_fingerprint(version_dir: Path) -> tuple:
+    """Every file's path, size and modification time: changes when a version folder is replaced."""
+    entries = []
+    for path in sorted(version_dir.rglob("*")):
+        try:
+            status = path.stat()
+        except OSError:
+            continue
+        entries.append((path.relative_to(version_dir).as_posix(), status.st_size, status.st_mtime_ns))
+    return tuple(entries)
+
+
 def scan_repository(repository: Path) -> dict[str, list[int]]:
     """Model names and their versions (names without any version are left out)."""
     if not repository.is_dir():

@@ -29,6 +29,8 @@ from cnnkit.errors import ConfigError
 ENV_PREFIX = "CNNKIT_"
 CONFIG_FILE_ENV = "CNNKIT_CONFIG"
 SETTINGS_FILE_ENV = "CNNKIT_SETTINGS_FILE"
+# Set by `cnnkit serve` for its worker processes: the server process they end with.
+SERVER_PID_ENV = "CNNKIT_SERVER_PID"
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -81,7 +83,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="Most images in one ONNX Runtime call of the batcher.")
     batch_wait_ms: float = Field(0.0, ge=0, description="How long a batch waits for company (0: natural batching).")
     max_concurrency: int = Field(
-        64, ge=1, description="Most HTTP requests in progress at once; more are answered 429 (BentoML's cap).")
+        64, ge=1, description=("Most HTTP requests in progress at once (counted once their body has arrived); "
+                               "more are answered 429."))
+    body_timeout: float = Field(
+        10.0, gt=0, description=("Seconds an HTTP request body may pause between two pieces before it is "
+                                 "answered 408 and its connection closed."))
     drain_seconds: float = Field(
         2.0, ge=0, description="After SIGTERM, how long /readyz answers 503 while requests are still served.")
     drain_timeout: int = Field(

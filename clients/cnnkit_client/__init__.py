@@ -21,6 +21,7 @@ from cnnkit_client.errors import (
     ConnectError,
     InvalidInputError,
     NotFoundError,
+    OverloadedError,
     PayloadTooLargeError,
     RequestTimeoutError,
     ServerError,
@@ -77,5 +78,6 @@ __all__ = [
     "RequestTimeoutError",
     "Retry",
     "ServerError",
+    "OverloadedError",
     "ServiceUnavailableError",
 ]

@@ -90,7 +90,7 @@ def _to_answer(response: httpx.Response, call: _Call) -> _Answer:
             raise ServerError(f"The server answered {call.path} with something that is not JSON.",
                               status=response.status_code) from error
         return _Answer(response.status_code, data)
-    raise from_http_status(response.status_code, _error_message(response))
+    raise from_http_status(response.status_code, _error_message(response), response.headers.get("retry-after"))
 
 
 def _transport_error(error: httpx.HTTPError, url: str) -> CnnkitError:

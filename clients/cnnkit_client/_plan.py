@@ -35,6 +35,16 @@ class Plan(Generic[T]):
     finish: Callable[[list[Any]], T | Plan[T]]
 
 
+# A server's Retry-After longer than this is not waited for (the call fails with the overload error).
+MAX_RETRY_AFTER = 30.0
+
+
+def retry_wait(error: Exception, backoff: float) -> float:
+    """The backoff, or the server's Retry-After if it asked for longer (up to MAX_RETRY_AFTER)."""
+    asked = getattr(error, "retry_after", None)
+    return backoff if asked is None else max(backoff, min(float(asked), MAX_RETRY_AFTER))
+
+
 def run(plan: Plan[T], attempt: Callable[[Any], Any], retry: Retry) -> T:
     """Send the plan's calls one after the other, each retried as ``retry`` says, until a result."""
 
@@ -43,11 +53,11 @@ def run(plan: Plan[T], attempt: Callable[[Any], Any], retry: Retry) -> T:
         while True:
             try:
                 return attempt(call)
-            except RETRIABLE:
+            except RETRIABLE as error:
                 wait = next(waits, None)
                 if wait is None:
                     raise
-                time.sleep(wait)
+                time.sleep(retry_wait(error, wait))
 
     while True:
         result = plan.finish([send(call) for call in plan.calls])
@@ -64,11 +74,11 @@ async def arun(plan: Plan[T], attempt: Callable[[Any], Awaitable[Any]], retry: R
         while True:
             try:
                 return await attempt(call)
-            except RETRIABLE:
+            except RETRIABLE as error:
                 wait = next(waits, None)
                 if wait is None:
                     raise
-                await asyncio.sleep(wait)
+                await asyncio.sleep(retry_wait(error, wait))
 
     while True:
         result = plan.finish(list(await asyncio.gather(*(send(call) for call in plan.calls))))

@@ -50,22 +50,48 @@ class ServerError(CnnkitError):
 
 
 class ServiceUnavailableError(ServerError):
-    """The server is up but not ready or overloaded (HTTP 503). Retried."""
+    """The server is up but not ready or overloaded (HTTP 503). Retried.
+
+    ``retry_after`` is the wait in seconds the server asked for (its ``Retry-After`` header), if any;
+    retries wait at least that long.
+    """
+
+    def __init__(self, message: str, *, status: int | str | None = None, retry_after: float | None = None):
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class OverloadedError(ServiceUnavailableError):
+    """Too many requests at once (HTTP 429 or 503 "overloaded", gRPC RESOURCE_EXHAUSTED from the
+    service's queue): nothing was wrong with the request. Retried after ``retry_after``."""
 
 
 RETRIABLE: tuple[type[CnnkitError], ...] = (ConnectError, ServiceUnavailableError)
 
 
-def from_http_status(status: int, message: str) -> CnnkitError:
-    """The exception for an HTTP error answer."""
+def parse_retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header's seconds (an HTTP date or nonsense gives None)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < 3600 else None
+
+
+def from_http_status(status: int, message: str, retry_after: str | None = None) -> CnnkitError:
+    """The exception for an HTTP error answer (``retry_after``: its Retry-After header)."""
     if status == 413:
         return PayloadTooLargeError(message, status=status)
     if status in (401, 403):
         return AuthenticationError(message, status=status)
     if status == 404:
         return NotFoundError(message, status=status)
+    if status == 429 or (status == 503 and "overloaded" in message.lower()):
+        return OverloadedError(message, status=status, retry_after=parse_retry_after(retry_after))
     if status == 503:
-        return ServiceUnavailableError(message, status=status)
+        return ServiceUnavailableError(message, status=status, retry_after=parse_retry_after(retry_after))
     if 400 <= status < 500:
         return InvalidInputError(message, status=status)
     return ServerError(message, status=status)
@@ -87,6 +113,8 @@ _GRPC_CODES: dict[str, type[CnnkitError]] = {
 
 def from_grpc_code(code_name: str, message: str) -> CnnkitError:
     """The exception for a gRPC status (by its name, e.g. ``"NOT_FOUND"``)."""
+    if code_name == "RESOURCE_EXHAUSTED" and "larger than max" not in message:
+        return OverloadedError(message, status=code_name)  # the service's queue, not a message too large
     return _GRPC_CODES.get(code_name, ServerError)(message, status=code_name)
 
 
@@ -96,6 +124,7 @@ __all__ = [
     "ConnectError",
     "InvalidInputError",
     "NotFoundError",
+    "OverloadedError",
     "PayloadTooLargeError",
     "RequestTimeoutError",
     "ServerError",

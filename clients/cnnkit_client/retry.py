@@ -1,8 +1,10 @@
 """Retries with exponential backoff for calls that are safe to repeat.
 
 Every SDK call is a read (predictions, feature maps, metadata, health have no side effects), so
-all of them are retried on connection errors and "service unavailable" (HTTP 503, gRPC
-UNAVAILABLE); invalid input, not-found and server errors are raised at once.
+all of them are retried on connection errors, "service unavailable" (HTTP 503, gRPC UNAVAILABLE)
+and overload (HTTP 429, gRPC RESOURCE_EXHAUSTED from the service's queue: ``OverloadedError``),
+waiting at least as long as the server's ``Retry-After`` asks (up to 30 s); invalid input,
+not-found and server errors are raised at once.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -55,6 +55,22 @@ images_total = prometheus_client.Counter(
 )
 
 
+# Model names seen in the repository. A request naming any other model is labelled "unknown":
+# labelling it with whatever name the client sent would let clients create label values (and
+# /metrics lines) without end.
+UNKNOWN_MODEL = "unknown"
+_KNOWN_MODELS: set[str] = set()
+
+
+def know_models(names: Iterable[str]) -> None:
+    """Add the repository's model names to those used as labels as they are (see UNKNOWN_MODEL)."""
+    _KNOWN_MODELS.update(names)
+
+
+def model_label(name: str) -> str:
+    return name if name == "-" or name in _KNOWN_MODELS else UNKNOWN_MODEL
+
+
 @dataclass
 class Observation:
     """The labels of one request: the model and version become known once the request names them."""
@@ -65,6 +81,7 @@ class Observation:
 
     def served(self, name: str, version: int) -> None:
         self.model, self.version = name, str(version)
+        _KNOWN_MODELS.add(name)
 
 
 _CURRENT: ContextVar[Observation | None] = ContextVar("cnnkit_observation", default=None)
@@ -93,7 +110,7 @@ def observe(protocol: str, endpoint: str, model: str = "-") -> Iterator[Observat
         raise
     finally:
         _CURRENT.reset(token)
-        labels = {"model": observation.model, "version": observation.version, "protocol": protocol,
+        labels = {"model": model_label(observation.model), "version": observation.version, "protocol": protocol,
                   "endpoint": endpoint}
         if observation.code is not None:
             errors_total.labels(**labels, code=observation.code).inc()
@@ -101,7 +118,7 @@ def observe(protocol: str, endpoint: str, model: str = "-") -> Iterator[Observat
         latency_seconds.labels(**labels).observe(time.perf_counter() - started)
 
 
-def record_batch(model: str, size: int) -> None:
+def record_batch(model: str, size: int) -> None:  # model: a served model's name
     batch_size.labels(model=model).observe(size)
     images_total.labels(model=model).inc(size)
 

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit.errors import InvalidInputError, NotFoundError, RepositoryError, UnavailableError
+from cnnkit.errors import InvalidInputError, NotFoundError, RepositoryError, UnavailableError, shown
 from cnnkit.repository import (
     FEATURE_MAPS_SIGNATURE,
     PREDICT_OUTPUTS,
@@ -35,7 +35,9 @@ from cnnkit.repository import (
     open_version,
     scan_repository,
     signatures,
+    version_fingerprint,
 )
+from cnnkit.serving import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +159,13 @@ def load_model(version: ModelVersion, providers: Sequence[str] = (),
                          metadata=version.metadata, session=session,
                          providers=session.get_providers())
     # Warm up: the first run allocates buffers and picks kernels; do it before serving traffic.
-    loaded.run(np.zeros((1, *loaded.input_shape), np.float32), [output.name for output in session.get_outputs()])
+    warm = loaded.run(np.zeros((1, *loaded.input_shape), np.float32), [output.name for output in session.get_outputs()])
+    classes = warm["probabilities"].shape[-1] if "probabilities" in warm else None
+    if classes is not None and classes != len(loaded.class_names):
+        raise RepositoryError(
+            f"{version.path}: metadata.json names {len(loaded.class_names)} classes but the model outputs "
+            f"{classes} probabilities; refusing this version."
+        )
     return loaded
 
 
@@ -175,6 +183,7 @@ class ModelStore:
         self._refresh_lock = threading.Lock()
         self.ready = False
         self.errors: dict[str, str] = {}
+        self._failed: dict[str, tuple] = {}  # versions refused, with their files' fingerprint then
 
     # Loading ---------------------------------------------------------------------------------
 
@@ -186,21 +195,28 @@ class ModelStore:
         """
         with self._refresh_lock:
             found = scan_repository(self.repository)
+            metrics.know_models(found)
             loaded: dict[str, list[int]] = {}
             for name, versions in found.items():
                 current = self._models.get(name, {})
                 for version in versions:
                     key = f"{name}/{version}"
-                    if version in current or key in self.errors:
+                    if version in current:
                         continue
+                    fingerprint = version_fingerprint(self.repository / name / str(version))
+                    if self._failed.get(key) == fingerprint:
+                        continue  # refused before and unchanged since; a new copy is tried again
+                    self.errors.pop(key, None)
                     try:
                         model = load_model(open_version(self.repository, name, version),
                                            self.providers, self.threads, self.spin)
                     except (RepositoryError, OSError) as error:
+                        self._failed[key] = fingerprint
                         self.errors[key] = str(error)
                         logger.error("not serving %s: %s", key, error)
                         continue
                     except Exception as error:  # noqa: BLE001 - ONNX Runtime load failures.
+                        self._failed[key] = fingerprint
                         self.errors[key] = f"ONNX Runtime could not load it: {error}"
                         logger.error("not serving %s: %s", key, error)
                         continue
@@ -238,16 +254,16 @@ class ModelStore:
             versions = self._models.get(name)
             if not versions:
                 available = ", ".join(sorted(self._models)) or "none"
-                raise NotFoundError(f"Servable not found for request: Latest({name}); models: {available}.")
+                raise NotFoundError(f"Servable not found for request: Latest({shown(name)}); models: {available}.")
             if version is None or version == "":
                 return versions[max(versions)]
             try:
                 number = int(version)
             except (TypeError, ValueError) as error:
-                raise NotFoundError(f"Model version must be a positive integer, got {version!r}.") from error
+                raise NotFoundError(f"Model version must be a positive integer, got {shown(repr(version))}.") from error
             if number not in versions:
                 raise NotFoundError(
-                    f"Servable not found for request: Specific({name}, {number}); versions: "
+                    f"Servable not found for request: Specific({shown(name)}, {number}); versions: "
                     f"{', '.join(map(str, sorted(versions)))}."
                 )
             return versions[number]
@@ -265,9 +281,10 @@ class ModelStore:
 class RepositoryPoller:
     """Calls ``store.refresh()`` every ``interval`` seconds in a daemon thread."""
 
-    def __init__(self, store: ModelStore, interval: float = 2.0):
+    def __init__(self, store: ModelStore, interval: float = 2.0, on_refresh: Callable[[], None] | None = None):
         self.store = store
         self.interval = interval
+        self.on_refresh = on_refresh  # called after every refresh (the service updates its gRPC health)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cnnkit-repository-poller", daemon=True)
 
@@ -279,6 +296,8 @@ class RepositoryPoller:
         while not self._stop.wait(self.interval):
             try:
                 self.store.refresh()
+                if self.on_refresh is not None:
+                    self.on_refresh()
             except Exception:  # noqa: BLE001 - keep polling; the error is logged.
                 logger.exception("refreshing the model repository failed")
 

@@ -44,6 +44,16 @@ def _list_or_array(value: Any) -> Any:
 # parsed by the JSON worker, cnnkit.serving.json_worker). The documented schema is a JSON array.
 PixelTensor = Annotated[Any, PlainValidator(_list_or_array), WithJsonSchema({"type": "array", "items": {}})]
 
+def _name_as_text(value: Any) -> Any:
+    # A multipart form field "7" arrives decoded as the number 7 (BentoML reads form values as
+    # JSON); class names such as the digits' are numerals, so a number names the class "7".
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+ClassName = Annotated[str, BeforeValidator(_name_as_text)]
+
 # Integers may arrive as JSON numbers or, from multipart forms, as strings ("3"); true/false is refused.
 Integer = Annotated[int, BeforeValidator(_not_a_bool)]
 
@@ -93,7 +103,7 @@ class FeatureMapsJsonRequest(FeatureMapsRequest):
 class GradCamRequest(ModelRequest):
     """``POST /gradcam`` (one uploaded image file)."""
 
-    class_name: str | None = Field(None, description="Class to explain, by name (default: the predicted one).")
+    class_name: ClassName | None = Field(None, description="Class to explain, by name (default: the predicted one).")
     class_index: Integer | None = Field(None, description="Class to explain, by index.")
     dtype: Dtype = Field("float16", description="Data type of the heatmap array.")
 

@@ -51,8 +51,10 @@ from cnnkit.repository import (
     ONNX_FILE,
     ModelVersion,
     artefact_files,
+    last_version,
     list_versions,
     models_config_text,
+    record_version,
     resolve_repository,
     sha256_file,
 )
@@ -496,7 +498,9 @@ def _publish(staging: Path, version_dir: Path, root: Path, name: str, metadata: 
     model_dir = root / name
     model_dir.mkdir(parents=True, exist_ok=True)
     for _attempt in range(100):
-        version = (max(list_versions(model_dir), default=0)) + 1
+        # Never a number used before, even by a version since deleted: servers and clients may
+        # remember (or cache, or have refused) what that number was.
+        version = max(max(list_versions(model_dir), default=0), last_version(model_dir)) + 1
         metadata["version"] = version
         (version_dir / EXTRA_DIR / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         make_readable(version_dir)  # 0644 files, 0755 folders: other users and TF Serving read them
@@ -510,6 +514,7 @@ def _publish(staging: Path, version_dir: Path, root: Path, name: str, metadata: 
             if target.exists():
                 continue
             raise
+        record_version(model_dir, version)
         descriptor = os.open(model_dir, os.O_RDONLY)
         try:
             os.fsync(descriptor)

@@ -69,8 +69,9 @@ def test_hostile_input_is_refused_clearly_and_the_service_keeps_serving(service,
         assert case.accepts(outcome), (outcome.status, outcome.message[:400])
         assert outcome.seconds < 10, outcome.seconds  # milliseconds to a few seconds (benchmarked)
         assert "\n" not in outcome.message.strip()
-    # Nothing like what the request claims (gigabytes) was allocated.
-    assert _resident(service.pid) - before < 300 * 2**20
+    # Nothing like what the request claims (gigabytes) was allocated; five 19 MB bodies held and
+    # parsed at once legitimately take a few hundred megabytes.
+    assert _resident(service.pid) - before < 768 * 2**20
     # The issue measured /livez missing a 1 s timeout in 83% of probes during the 19 MB bodies;
     # the aim is 50 ms, which benchmarks/hostile_input.py reports.
     assert not health.failures and max(health.latencies, default=0) < 1.0, sorted(health.latencies)[-3:]

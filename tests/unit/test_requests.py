@@ -50,7 +50,7 @@ def test_multipart_form_strings_become_integers():
     (GradCamJsonRequest, {"model": "digits", "image_b64": "x", "dtype": "int8"},
      "'dtype' Input should be 'float16' or 'float32'"),
     (GradCamJsonRequest, {"model": "digits", "image_b64": "x", "class_index": True}, "not true or false"),
-    (GradCamJsonRequest, {"model": "digits", "image_b64": "x", "class_name": 7}, "'class_name' Input should be"),
+    (GradCamJsonRequest, {"model": "digits", "image_b64": "x", "class_name": [7]}, "'class_name' Input should be"),
     (FilterPatternsRequest, {"model": "digits", "filters": "all"},
      "'filters' must be a count or a list of filter indices"),
     (FilterPatternsRequest, {"model": "digits", "filters": [1, "2"]}, "'filters' must be a count or a list"),
@@ -68,3 +68,11 @@ def test_bad_fields_are_named_in_one_line(model, body, message):
 def test_a_body_that_is_not_an_object_is_refused():
     with pytest.raises(InvalidInputError, match="must be a JSON object"):
         parse(ModelRequest, ["digits"])
+
+
+def test_a_class_named_by_a_number_is_that_numeral():
+    """A multipart form field class_name=7 arrives decoded as the number 7; the digits' classes are
+    named "0".."9", so the number names the class "7" (true/false stays refused)."""
+    assert parse(GradCamJsonRequest, {"model": "digits", "image_b64": "x", "class_name": 7}).class_name == "7"
+    with pytest.raises(InvalidInputError, match="class_name"):
+        parse(GradCamJsonRequest, {"model": "digits", "image_b64": "x", "class_name": True})

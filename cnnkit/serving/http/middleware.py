@@ -2,7 +2,8 @@
 
 The API key (setting ``api_key``) guards every route but health checks. HTTP clients send it as
 ``x-api-key: KEY`` or ``Authorization: Bearer KEY``; gRPC clients as the same metadata. Keys are
-compared in constant time. The body limit answers 413 to a body over the limit, declared or chunked.
+compared in constant time. The body limit answers 413 to a body over the limit, declared or
+chunked, and 408 to one that stalls; the concurrency cap counts requests once their body is in.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from cnnkit.serving.auth import key_matches, presented_key
 
 OPEN_HTTP_PATHS = ("/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready")
+UNLIMITED_HTTP_PATHS = (*OPEN_HTTP_PATHS, "/metrics")
 
 
 class ApiKeyMiddleware:
@@ -58,24 +60,30 @@ class MountRootMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``limit`` bytes with 413, whether declared or streamed chunked.
+    """Read every request body before the routes see it: refused with 413 once over ``limit``
+    bytes (declared or streamed chunked), with 408 when it pauses longer than ``body_timeout``
+    seconds, then handed on whole.
 
-    A ``Content-Length`` over the limit is refused before the app sees the request; a chunked body
-    is counted as the app reads it, and the moment it passes the limit the app is told the client
-    went away (so it stops reading and holds no more of it) and the client gets the 413. Before
-    answering, the rest of the body is read and thrown away, up to ``drain_bytes`` or
-    ``drain_seconds``: a server that closes a connection with unread data makes the client's
-    kernel see a reset instead of the answer. Beyond those bounds the connection is just closed.
+    Reading first is what keeps slow or stalled uploads from holding anything else: the concurrency
+    cap (:class:`ConcurrencyLimitMiddleware`, inside this one) counts a request only once its body
+    is here, so 600 connections that declare 10 MB and send 10 bytes cannot make real requests
+    answer 429. Bodies are at most ``limit`` bytes, which the routes would hold anyway.
+
+    Before answering 413 the rest of the body is read and thrown away, up to ``drain_bytes`` or
+    ``drain_seconds``: a server that closes a connection with unread data makes the client's kernel
+    see a reset instead of the answer. Beyond those bounds the connection is just closed.
     """
 
-    def __init__(self, app, limit: int, drain_bytes: int = 128 * 1024 * 1024, drain_seconds: float = 5.0):
+    def __init__(self, app, limit: int, body_timeout: float = 10.0, drain_bytes: int = 128 * 1024 * 1024,
+                 drain_seconds: float = 5.0):
         self.app = app
         self.limit = limit
+        self.body_timeout = body_timeout
         self.drain_bytes = drain_bytes
         self.drain_seconds = drain_seconds
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
@@ -84,34 +92,39 @@ class BodyLimitMiddleware:
                 await _send_json(send, 413, f"The request body is {int(value)} bytes; "
                                             f"the limit is {self.limit} bytes.")
                 return
+        chunks: list[bytes] = []
         received = 0
-        refused = False
-        answered = False
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except TimeoutError:
+                await _send_json(send, 408, f"The request body paused for more than {self.body_timeout:g} s "
+                                            f"after {received} bytes; send it without stopping.",
+                                 [(b"connection", b"close")])
+                return
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.limit:
+                if message.get("more_body"):
+                    await self._drain(receive)
+                await _send_json(send, 413, f"The request body passed the limit of {self.limit} bytes.")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        delivered = False
 
-        async def counting_receive():
-            nonlocal received, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    refused = True
-                    if message.get("more_body"):
-                        await self._drain(receive)
-                    return {"type": "http.disconnect"}
-            return message
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, whenever it comes
 
-        async def guarded_send(message):
-            nonlocal answered
-            if refused:
-                return  # the app's answer to the "disconnect"; the client gets the 413 instead
-            answered = True
-            await send(message)
-
-        await self.app(scope, counting_receive, guarded_send)
-        if refused and not answered:
-            await _send_json(send, 413, f"The request body passed the limit of {self.limit} bytes.")
+        await self.app(scope, replay, send)
 
     async def _drain(self, receive) -> None:
         """Read and discard the rest of the body, within the drain bounds."""
@@ -131,6 +144,31 @@ class BodyLimitMiddleware:
             drained += len(message.get("body", b""))
             if not message.get("more_body"):
                 return
+
+
+class ConcurrencyLimitMiddleware:
+    """At most ``limit`` HTTP requests in progress in this process; more are answered 429 with
+    ``Retry-After: 1``. Health checks and metrics are never limited. It sits inside
+    :class:`BodyLimitMiddleware`, so a request counts only once its body has arrived."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+        self.in_progress = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_HTTP_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit:
+            await _send_json(send, 429, f"The service is busy: {self.in_progress} requests are in progress; "
+                                        f"try again shortly.", [(b"retry-after", b"1")])
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
 
 
 class ValidationAnswerMiddleware:

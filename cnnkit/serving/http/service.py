@@ -46,6 +46,7 @@ from cnnkit.serving.http.errors import error_response  # noqa: E402
 from cnnkit.serving.http.middleware import (  # noqa: E402
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
     MountRootMiddleware,
     ValidationAnswerMiddleware,
 )
@@ -186,6 +187,21 @@ def route(endpoint: str) -> Callable:
     return decorate
 
 
+def _die_with_the_server() -> None:
+    """In a worker process of ``cnnkit serve``: end when the server process that started it ends,
+    even by ``kill -9`` (which cannot stop its workers itself), so that no worker keeps serving
+    the ports unsupervised and a restart finds them free."""
+    from cnnkit.serving.process import die_with_parent
+    from cnnkit.settings import SERVER_PID_ENV
+
+    server = os.environ.get(SERVER_PID_ENV, "")
+    if not server.isdigit() or threading.current_thread() is not threading.main_thread():
+        return
+    die_with_parent()
+    if os.getppid() != int(server):  # the server ended already (while this worker was starting)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def session_threads(settings: Settings) -> int | None:
     """ONNX Runtime threads per session: the setting, else the cores shared by the workers
     (None, one per core, for a single worker)."""
@@ -208,7 +224,9 @@ def _current_core() -> InferenceCore:
 @bentoml.asgi_app(build_models_app(_current_core), path="/models")
 @bentoml.service(
     name="cnnkit",
-    traffic={"timeout": 60, "max_concurrency": SETTINGS.max_concurrency},
+    # The concurrency cap is cnnkit's own (ConcurrencyLimitMiddleware, below): BentoML's counts a
+    # request from its first byte, so stalled uploads could fill it.
+    traffic={"timeout": 60},
     http={"host": SETTINGS.host, "port": SETTINGS.http_port},
     # N processes, each with its own event loop, batchers, ONNX Runtime sessions and gRPC server.
     workers=SETTINGS.workers,
@@ -226,6 +244,7 @@ class Classifier:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings = settings if settings is not None else service_settings()
         configure_logging(settings.log_level, settings.log_format)
+        _die_with_the_server()
         tags = settings.bento_models
         repository = repository_from_bento_store(tags) if tags else resolve_repository(settings.model_repository)
         self.store = ModelStore(repository, providers=settings.ort_providers, threads=session_threads(settings),
@@ -236,26 +255,40 @@ class Classifier:
         self.store.refresh()
         if not self.store.names():
             logger.warning("no models in %s: export one with `cnnkit export RUN_DIR`", repository)
-        self.poller = RepositoryPoller(self.store, settings.poll_seconds).start()
         self.draining = False
         self._health: Any = None
+        self._grpc_serving: bool | None = None
+        self.poller = RepositoryPoller(self.store, settings.poll_seconds, on_refresh=self._sync_grpc_health).start()
         self._drain_on_sigterm()
         self.grpc_server = None
         if settings.grpc_port >= 0:
-            from cnnkit.serving.grpc.server import build_server, mark_serving
+            from cnnkit.serving.grpc.server import build_server
 
             self.grpc_server, bound, self._health = build_server(
                 self.core, host=settings.host, port=settings.grpc_port, api_key=settings.api_key,
                 max_workers=settings.grpc_threads, reuse_port=settings.workers > 1,
             )
             self.grpc_server.start()
-            mark_serving(self._health)
+            self._sync_grpc_health()
             logger.info("gRPC (TF Serving's API) listening on %s:%d", settings.host, bound)
         for model in self.store.all_models():
             logger.info("serving %s version %d with %s", model.name, model.version, ", ".join(model.providers))
 
     def __is_ready__(self) -> bool:
         return self.store.ready and bool(self.store.names()) and not self.draining
+
+    def _sync_grpc_health(self) -> None:
+        """One readiness for both protocols: gRPC health says SERVING exactly when /readyz says 200
+        (a model is served, the service is not draining); updated after every repository refresh."""
+        if self._health is None:
+            return
+        ready = self.__is_ready__()
+        if ready == self._grpc_serving:
+            return
+        from cnnkit.serving.grpc.server import mark_not_serving, mark_serving
+
+        (mark_serving if ready else mark_not_serving)(self._health)
+        self._grpc_serving = ready
 
     def _drain_on_sigterm(self) -> None:
         """Graceful drain. On SIGTERM, readiness turns 503 (and gRPC health NOT_SERVING) at once, so
@@ -394,6 +427,7 @@ class Classifier:
     def reload(self, **fields: Any) -> JsonObject:
         """Load versions that appeared in the repository since the last poll (admin)."""
         loaded = self.store.refresh()
+        self._sync_grpc_health()
         return {"loaded": loaded, "models": {name: self.store.versions(name) for name in self.store.names()},
                 "errors": self.store.errors}
 
@@ -431,9 +465,13 @@ if SETTINGS.cors_origins:
         allow_headers=["content-type", "x-api-key", "authorization", "x-request-id"],
         expose_headers=["x-request-id", "retry-after"], max_age=600,
     )
-# Bodies carry at most max_body_bytes of image data, plus room for base64 (4/3) and JSON framing.
+# Bodies carry at most max_body_bytes of image data, plus room for base64 (4/3) and JSON framing;
+# they are read whole (with a pause limit) before a request counts against the concurrency cap.
 Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
-    BodyLimitMiddleware, limit=SETTINGS.max_body_bytes * 4 // 3 + 64 * 1024
+    BodyLimitMiddleware, limit=SETTINGS.max_body_bytes * 4 // 3 + 64 * 1024, body_timeout=SETTINGS.body_timeout
+)
+Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
+    ConcurrencyLimitMiddleware, limit=math.ceil(SETTINGS.max_concurrency / SETTINGS.workers)
 )
 if SETTINGS.api_key:
     Classifier.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)  # type: ignore[attr-defined]
