@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import gc
 import inspect
 import logging
 import math
@@ -202,6 +203,18 @@ def _die_with_the_server() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def quiet_garbage_collector() -> None:
+    """Freeze the objects start-up made (BentoML, OpenTelemetry, ONNX Runtime, pydantic: hundreds of
+    thousands, none of them garbage) so collections stop walking them, and collect the young
+    generation less often. Measured under 64 clients on TF Serving's REST route with JSON pixels, the
+    collections that request parsing set off took about half the worker's time, and more as
+    clients were added, since every request in flight adds objects a full collection walks."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, 20_000), middle, old)
+
+
 def session_threads(settings: Settings) -> int | None:
     """ONNX Runtime threads per session: the setting, else the cores shared by the workers
     (None, one per core, for a single worker)."""
@@ -322,8 +335,10 @@ class Classifier:
 
     @bentoml.on_startup
     async def watch_event_loop(self) -> None:
-        """Measure the serving event loop's lag (metric cnnkit_event_loop_lag_seconds) while it runs."""
+        """Measure the serving event loop's lag (metric cnnkit_event_loop_lag_seconds) while it runs,
+        and take what start-up built out of the garbage collector's way (see quiet_garbage_collector)."""
         self._loop_watch = asyncio.get_running_loop().create_task(metrics.watch_event_loop())
+        quiet_garbage_collector()
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
