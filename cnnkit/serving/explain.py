@@ -48,7 +48,7 @@ from cnnkit.explain import (
 )
 from cnnkit.serving import explain_worker
 from cnnkit.serving.model_store import LoadedModel
-from cnnkit.serving.workers import WorkerChannel, WorkerProcess, WorkerStoppedError, worker_command
+from cnnkit.serving.workers import JobExpiredError, WorkerChannel, WorkerProcess, WorkerStoppedError, worker_command
 from cnnkit.settings import Settings, default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -264,6 +264,8 @@ class Explanations:
             raise UnavailableError(f"{what} took longer than {self.timeout:.0f} s; try again later.") from error
         except WorkerStoppedError as error:
             raise UnavailableError(f"The explanation worker stopped during {what} ({error}); try again.") from error
+        except JobExpiredError as error:
+            raise UnavailableError(f"{error} Try again later.") from error
         except ExplainError as error:
             raise InvalidInputError(str(error)) from error
         except Exception as error:  # noqa: BLE001 - anything else from the worker is our fault.
@@ -291,7 +293,8 @@ class Explanations:
         except ExplainError as error:
             raise InvalidInputError(str(error)) from error
         pixels = np.asarray(image, dtype=np.float32)
-        future = self._submit("gradcam", str(model.path), model.metadata, pixels, index)
+        future = self._submit("gradcam", str(model.path), model.metadata, pixels, index,
+                              time.time() + self.timeout)  # nobody reads it after that
         outputs = self._result(future, "Grad-CAM")
         probabilities = np.asarray(outputs["probabilities"], np.float32)
         explained, predicted = int(outputs["class_index"]), int(probabilities.argmax())
@@ -386,8 +389,11 @@ class Explanations:
                 store_earlier(earlier)
             missing = [index for index in indices if index not in entry.patterns]
             if missing:
-                future = self._submit("filter_patterns", str(model.path), model.metadata,
-                                      chosen, missing, steps, seed)
+                # The request answers 503 after `timeout`, but the computation may go on for half
+                # as long again (at least 2 s) to land in the cache; then the job is stopped, so
+                # the work of callers who went away ends.
+                future = self._submit("filter_patterns", str(model.path), model.metadata, chosen, missing,
+                                      steps, seed, time.time() + max(1.5 * self.timeout, 2.0))
                 storing = threading.Lock()
                 stored = False
 

@@ -63,15 +63,25 @@ def warm_up() -> int:
     return os.getpid()
 
 
-def gradcam(path: str, metadata: dict[str, Any], image: np.ndarray, class_index: int) -> dict[str, Any]:
+def _check(deadline: float | None, what: str) -> None:
+    if deadline is not None and time.time() > deadline:
+        raise workers.JobExpiredError(f"{what} was dropped: its time limit passed before it finished.")
+
+
+def gradcam(path: str, metadata: dict[str, Any], image: np.ndarray, class_index: int,
+            deadline: float | None = None) -> dict[str, Any]:
+    _check(deadline, "Grad-CAM")  # queued behind other work for longer than anyone waits
     result = _explainer(path, metadata).gradcam(image, None if class_index < 0 else class_index)
     return {"class_index": result.class_index, "probabilities": result.probabilities,
             "heatmap": result.heatmap, "coarse_heatmap": result.coarse_heatmap, "layer": result.layer}
 
 
 def filter_patterns(path: str, metadata: dict[str, Any], layer: str, filters: list[int], steps: int,
-                    seed: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-    return _explainer(path, metadata).filter_patterns(layer, filters, steps=steps, seed=seed)
+                    seed: int, deadline: float | None = None) -> tuple[list[int], np.ndarray, np.ndarray]:
+    _check(deadline, "A filter-pattern job")
+    return _explainer(path, metadata).filter_patterns(
+        layer, filters, steps=steps, seed=seed,
+        progress=lambda _done: _check(deadline, "A filter-pattern job"))  # checked after every filter
 
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {"warm_up": warm_up, "gradcam": gradcam, "filter_patterns": filter_patterns}

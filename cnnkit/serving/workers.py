@@ -69,6 +69,12 @@ class WorkerStoppedError(Exception):
     """The worker process exited (crashed, killed or out of memory)."""
 
 
+class JobExpiredError(Exception):
+    """A worker dropped a job whose time limit passed (before it started, or while it ran).
+
+    Defined here, not in a worker's ``__main__`` module, so that it unpickles in the parent."""
+
+
 class WorkerChannel:
     """Requests to a worker and its answers: each request gets a future, resolved by a reader
     thread when the answer with its identifier arrives; when the streams end (the worker exited),

@@ -250,3 +250,36 @@ def test_the_serving_process_never_imports_tensorflow(digits_repository, tmp_pat
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert report == {"tensorflow": False, "keras": False, "layer": "conv2", "filters": [0, 1]}
+
+
+def test_abandoned_explanation_work_is_stopped_at_its_time_limit(store, digit, tmp_path):
+    """A job runs at most twice the request's timeout (long enough to land in the cache for the
+    next request), then the worker drops it and is free for the next caller."""
+    model = store.get("digits")
+    explanations = Explanations(cache_dir=tmp_path, timeout=1.0, threads=1)
+    try:
+        explanations.start()
+        deadline = time.monotonic() + 120
+        while True:  # until TensorFlow is loaded and the model traced (seconds, more than the timeout)
+            try:
+                explanations.gradcam(model, digit)
+                break
+            except UnavailableError:
+                assert time.monotonic() < deadline
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match="took longer than"):
+            # Every filter of conv3, 200 steps each: tens of seconds of ascent on 2 cores.
+            explanations.filter_patterns(model, "conv3", 120, steps=200)
+        # The job is stopped at its limit (2 s), so the worker answers again long before the
+        # whole ascent could have finished...
+        while True:
+            try:
+                explanations.gradcam(model, digit)
+                break
+            except UnavailableError:
+                assert time.monotonic() - started < 10, "the worker is still busy with the abandoned job"
+        # ...and the stopped job stored nothing.
+        time.sleep(1.0)
+        assert explanations.computed_filters == 0
+    finally:
+        explanations.close()
