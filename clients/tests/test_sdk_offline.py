@@ -25,6 +25,7 @@ from cnnkit_client import (
     GrpcClient,
     InvalidInputError,
     NotFoundError,
+    OverloadedError,
     PayloadTooLargeError,
     Prediction,
     RequestTimeoutError,
@@ -216,6 +217,33 @@ def test_retries_give_up_after_the_attempts_and_bad_input_is_not_retried():
             pytest.raises(InvalidInputError):
         client.predict(b"x", model="digits")
     assert len(calls) == 1
+
+
+def test_the_sdk_retries_overload_after_the_servers_retry_after():
+    answers = iter([
+        httpx.Response(429, json={"error": "The service is busy"}, headers={"Retry-After": "0.4"}),
+        httpx.Response(503, json={"error": "The service is overloaded: 300 requests wait"},
+                       headers={"Retry-After": "0.3"}),
+        httpx.Response(200, json={"model": "digits", "version": 1, "predictions": [[
+            {"class": "7", "index": 7, "probability": 0.9}]]}),
+    ])
+    times: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        times.append(time.monotonic())
+        return next(answers)
+
+    with Client("http://cnnkit.test", transport=httpx.MockTransport(handler),
+                retry=Retry(attempts=3, backoff=0.01)) as client:
+        assert client.predict(np.zeros((28, 28), np.uint8), model="digits").label == "7"
+    assert times[1] - times[0] >= 0.4 and times[2] - times[1] >= 0.3  # Retry-After, not the 10 ms backoff
+
+    busy = httpx.MockTransport(lambda request: httpx.Response(429, json={"error": "busy"},
+                                                              headers={"Retry-After": "1"}))
+    with Client("http://cnnkit.test", retry=Retry(attempts=1), transport=busy) as client, \
+            pytest.raises(OverloadedError) as refused:
+        client.predict(np.zeros((28, 28), np.uint8), model="digits")
+    assert isinstance(refused.value, ServiceUnavailableError) and refused.value.retry_after == 1.0
 
 
 def test_timeouts_raise_request_timeout():

@@ -1,6 +1,7 @@
 """Serving faults and operator traps (issue 22), each against a real service on 127.0.0.1 (or the
-SDK against a scripted transport): stalled uploads, metric labels, kill -9, bad metadata, retried
-versions, one readiness for both protocols, overload in the SDK, echoed input and client-error logs."""
+SDK): stalled uploads, metric labels, kill -9, bad metadata, retried
+versions, one readiness for both protocols, echoed input and client-error logs (the SDK's
+handling of overload answers is in clients/tests/test_sdk_offline.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from PIL import Image
 from services import RunningService
 
 from cnnkit.serving.process import ServiceProcess
-from cnnkit_client import Client, OverloadedError, Retry, ServiceUnavailableError
 
 pytestmark = pytest.mark.data
 
@@ -160,33 +160,6 @@ def test_grpc_health_and_readyz_agree_when_no_model_is_served(digits_repository,
             assert httpx.get(f"{service.url}/readyz", timeout=10).status_code == 200
     finally:
         service.stop()
-
-
-def test_the_sdk_retries_overload_after_the_servers_retry_after():
-    answers = iter([
-        httpx.Response(429, json={"error": "The service is busy"}, headers={"Retry-After": "0.4"}),
-        httpx.Response(503, json={"error": "The service is overloaded: 300 requests wait"},
-                       headers={"Retry-After": "0.3"}),
-        httpx.Response(200, json={"model": "digits", "version": 1, "predictions": [[
-            {"class": "7", "index": 7, "probability": 0.9}]]}),
-    ])
-    times: list[float] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        times.append(time.monotonic())
-        return next(answers)
-
-    with Client("http://cnnkit.test", transport=httpx.MockTransport(handler),
-                retry=Retry(attempts=3, backoff=0.01)) as client:
-        assert client.predict(_png(), model="digits").label == "7"
-    assert times[1] - times[0] >= 0.4 and times[2] - times[1] >= 0.3  # Retry-After, not the 10 ms backoff
-
-    busy = httpx.MockTransport(lambda request: httpx.Response(429, json={"error": "busy"},
-                                                              headers={"Retry-After": "1"}))
-    with Client("http://cnnkit.test", retry=Retry(attempts=1), transport=busy) as client, \
-            pytest.raises(OverloadedError) as refused:
-        client.predict(_png(), model="digits")
-    assert isinstance(refused.value, ServiceUnavailableError) and refused.value.retry_after == 1.0
 
 
 def test_digit_class_names_in_forms_and_echoed_input_cut_short(service):
