@@ -46,6 +46,14 @@ def batch_totals(url: str, model: str) -> tuple[float, float]:
     return total["count"], total["sum"]
 
 
+def _required(pattern: str, output: str) -> str:
+    """The first group of ``pattern`` in a load generator's output (SystemExit if it is not there)."""
+    match = re.search(pattern, output)
+    if match is None:
+        raise SystemExit(f"unexpected load generator output (no {pattern!r}):\n{output}")
+    return match[1]
+
+
 def _milliseconds(text: str) -> float:
     match = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
     return float(match[1]) * _UNIT[match[2]] if match else float("nan")
@@ -63,7 +71,7 @@ def run_wrk(url: str, path: str, body: bytes, content_type: str, clients: int, s
     output = subprocess.run(["wrk", "-t", str(min(2, clients)), "-c", str(clients), "-d", f"{seconds:.0f}s",
                              "--latency", "-s", str(script), url + path], capture_output=True, text=True,
                             check=True).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])
+    rate = float(_required(r"Requests/sec:\s+([\d.]+)", output))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.MULTILINE))
     return {"rate": rate, "errors": float(errors[1]) if errors else 0.0,
@@ -81,7 +89,7 @@ def run_h2load(target: str, body: bytes, clients: int, seconds: float, workdir: 
          "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(workdir / "grpc.bin"),
          f"http://{target}/tensorflow.serving.PredictionService/Predict"],
         capture_output=True, text=True, check=True).stdout
-    rate = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", output)[1])
+    rate = float(_required(r"finished in [\d.]+\w+, ([\d.]+) req/s", output))
     failed = re.search(r"requests: .* (\d+) failed", output)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", output)
     return {"rate": rate, "errors": float(failed[1]) if failed else 0.0,
@@ -172,12 +180,12 @@ def main() -> int:
                      else f"mean {measured['mean']:.2f}")
         if checked is not None:
             p50, p99 = checked.percentile(0.5), checked.percentile(0.99)
-            python = f"{checked.rate:,.0f} | {p50:.2f} / {p99:.2f} | {p99 / p50:.1f}"
+            cross_check = f"{checked.rate:,.0f} | {p50:.2f} / {p99:.2f} | {p99 / p50:.1f}"
         else:
-            python = "– | – | –"
+            cross_check = "– | – | –"
         errors = f" ({measured['errors']:.0f} errors)" if measured["errors"] else ""
         print(f"| {protocol} | {clients} | {measured['rate']:,.0f}{errors} | {generator} | {mean_batch:.1f} | "
-              f"{python} |")
+              f"{cross_check} |")
     rates = {(protocol, clients): measured["rate"] for protocol, clients, measured, _, _ in rows}
     for protocol in protocols:
         low, high = rates.get((protocol, min(levels))), rates.get((protocol, max(levels)))

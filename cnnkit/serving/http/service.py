@@ -456,13 +456,17 @@ class _DocumentedService(type(Classifier)):  # type: ignore[misc]
     @property
     def openapi_spec(self) -> Any:
         import attrs
-        from bentoml._internal.service.openapi.specification import Info
+        from bentoml._internal.service.openapi.specification import Info, OpenAPISpecification
+        from bentoml._internal.utils.cattr import bentoml_cattr
 
         from cnnkit import __version__
+        from cnnkit.serving.http.openapi import complete
 
-        return attrs.evolve(super().openapi_spec, info=Info(title="cnnkit", version=__version__, description=(
+        spec = attrs.evolve(super().openapi_spec, info=Info(title="cnnkit", version=__version__, description=(
             "Image-classification CNNs served over HTTP and TF Serving's gRPC API: predictions, feature "
             "maps, Grad-CAM heatmaps and filter patterns, model metadata, health and metrics.")))
+        # The mounted routes (/v1, /models) and the true error schema (cnnkit.serving.http.openapi).
+        return bentoml_cattr.structure(complete(spec.asdict()), OpenAPISpecification)
 
 
 Classifier.__class__ = _DocumentedService  # type: ignore[method-assign]
