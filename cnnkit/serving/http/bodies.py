@@ -114,11 +114,6 @@ class JsonWorker:
                 self._worker = WorkerProcess("cnnkit.serving.json_worker")
             return self._worker
 
-    @property
-    def pid(self) -> int | None:
-        worker = self._worker
-        return worker.pid if worker is not None and worker.alive else None
-
     async def loads(self, body: bytes) -> Any:
         from cnnkit.errors import UnavailableError
         from cnnkit.serving.workers import WorkerStoppedError
