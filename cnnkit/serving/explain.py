@@ -29,7 +29,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -46,9 +46,17 @@ from cnnkit.explain import (
     dead_filters,
     resolve_class,
 )
-from cnnkit.serving import explain_worker
+from cnnkit.serving import explain_worker, metrics
+from cnnkit.serving.callers import current_caller
 from cnnkit.serving.model_store import LoadedModel
-from cnnkit.serving.workers import JobExpiredError, WorkerChannel, WorkerProcess, WorkerStoppedError, worker_command
+from cnnkit.serving.workers import (
+    JobCancelledError,
+    JobExpiredError,
+    WorkerChannel,
+    WorkerProcess,
+    WorkerStoppedError,
+    worker_command,
+)
 from cnnkit.settings import Settings, default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -99,6 +107,7 @@ class _PatternEntry:
     gains: dict[int, np.ndarray] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     inflight: tuple[Future, Any] | None = None
+    requests: int = 0  # requests for this entry in progress (one computes, the others wait for it)
 
 
 def explain_layers(model: LoadedModel) -> dict[str, Any]:
@@ -232,17 +241,21 @@ class Explanations:
         self._running_worker().submit("warm_up")
         return self
 
-    def _submit(self, function: str, *args: Any) -> Future:
+    def _submit(self, function: str, *args: Any, withdraw_if: Callable[[], bool] | None = None) -> Future:
+        """Queue a job in the worker. When the request's caller goes away (a closed connection, a
+        cancelled call) the job is withdrawn, if ``withdraw_if()`` agrees: nobody else waits for it."""
         with self._lock:
             if self._pending >= self.max_queue:
                 raise UnavailableError(f"{self._pending} explanations are already waiting; try again shortly.")
             self._pending += 1
         try:
             try:
-                future = self._running_worker().submit(function, *args)
+                worker = self._running_worker()
+                future = worker.submit(function, *args)
             except WorkerStoppedError:
                 try:
-                    future = self._running_worker().submit(function, *args)  # it died just now: once more
+                    worker = self._running_worker()
+                    future = worker.submit(function, *args)  # it died just now: once more
                 except WorkerStoppedError as error:
                     raise UnavailableError(f"The explanation worker could not be started ({error}); "
                                            "try again.") from error
@@ -251,6 +264,16 @@ class Explanations:
                 self._pending -= 1
             raise
         future.add_done_callback(self._finished)
+        caller = current_caller()
+        if caller is not None:
+            def withdraw() -> None:
+                if not future.done() and (withdraw_if is None or withdraw_if()):
+                    metrics.explanations_withdrawn_total.inc()
+                    logger.info("withdrawing %s: its caller went away", function)
+                    worker.cancel(future)
+
+            forget = caller.on_leave(withdraw)
+            future.add_done_callback(lambda _done: forget())
         return future
 
     def _finished(self, _future: Future) -> None:
@@ -266,6 +289,8 @@ class Explanations:
             raise UnavailableError(f"The explanation worker stopped during {what} ({error}); try again.") from error
         except JobExpiredError as error:
             raise UnavailableError(f"{error} Try again later.") from error
+        except JobCancelledError as error:
+            raise UnavailableError(f"{what} was withdrawn: {error}") from error
         except ExplainError as error:
             raise InvalidInputError(str(error)) from error
         except Exception as error:  # noqa: BLE001 - anything else from the worker is our fault.
@@ -374,6 +399,16 @@ class Explanations:
         chosen, indices = self.check_pattern_request(model, layer, filters, steps)
         entry = self._entry(model, chosen, steps, seed)
         path = self._cache_path(model, chosen, steps, seed)
+        with self._lock:
+            entry.requests += 1
+        try:
+            return self._patterns_of(model, entry, path, chosen, indices, steps, seed)
+        finally:
+            with self._lock:
+                entry.requests -= 1
+
+    def _patterns_of(self, model: LoadedModel, entry: _PatternEntry, path: Path, chosen: str, indices: list[int],
+                     steps: int, seed: int) -> FilterPatterns:
         # One computation per entry at a time: a second request for the same layer waits and reuses it.
         if not entry.lock.acquire(timeout=self.timeout):
             raise UnavailableError(f"The patterns of {chosen} are being computed; try again later.")
@@ -391,9 +426,11 @@ class Explanations:
             if missing:
                 # The request answers 503 after `timeout`, but the computation may go on for half
                 # as long again (at least 2 s) to land in the cache; then the job is stopped, so
-                # the work of callers who went away ends.
+                # the work of callers who went away ends. A caller that closes its connection
+                # withdraws the job at once, unless other requests wait for the same patterns.
                 future = self._submit("filter_patterns", str(model.path), model.metadata, chosen, missing,
-                                      steps, seed, time.time() + max(1.5 * self.timeout, 2.0))
+                                      steps, seed, time.time() + max(1.5 * self.timeout, 2.0),
+                                      withdraw_if=lambda: entry.requests <= 1)
                 storing = threading.Lock()
                 stored = False
 

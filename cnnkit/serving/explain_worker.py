@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import queue
 import socket
 import sys
 import threading
@@ -64,6 +63,8 @@ def warm_up() -> int:
 
 
 def _check(deadline: float | None, what: str) -> None:
+    if workers.job_cancelled():
+        raise workers.JobCancelledError(f"{what} was stopped: its caller went away.")
     if deadline is not None and time.time() > deadline:
         raise workers.JobExpiredError(f"{what} was dropped: its time limit passed before it finished.")
 
@@ -124,7 +125,7 @@ def serve_socket(path: str, threads: int, niceness: int) -> int:
         os.umask(old_mask)
     listener.listen(64)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    work: queue.Queue = queue.Queue()
+    jobs = workers.JobQueue()
 
     def read_connection(connection: socket.socket) -> None:
         reader, writer, writing = connection.makefile("rb"), connection.makefile("wb"), threading.Lock()
@@ -133,9 +134,13 @@ def serve_socket(path: str, threads: int, niceness: int) -> int:
             with writing, contextlib.suppress(OSError, ValueError):  # the client went away
                 workers.write_message(writer, answer)
 
-        with contextlib.suppress(OSError, ValueError):
-            while (message := workers.read_message(reader)) is not None:
-                work.put((write, message))
+        def read_one() -> Any:
+            try:
+                return workers.read_message(reader)
+            except (OSError, ValueError):
+                return None
+
+        jobs.read(read_one, write)  # a server process that ends withdraws what it asked for
         connection.close()
 
     def accept() -> None:
@@ -146,9 +151,8 @@ def serve_socket(path: str, threads: int, niceness: int) -> int:
     threading.Thread(target=accept, name="cnnkit-explain-accept", daemon=True).start()
     print(f"[cnnkit] explanation worker {os.getpid()} serving {path}", file=sys.stderr, flush=True)
     initialise(threads, niceness)
-    while True:
-        write, message = work.get()
-        workers.answer(write, FUNCTIONS, *message)
+    jobs.run(FUNCTIONS)
+    return 0
 
 
 def main() -> None:

@@ -48,6 +48,10 @@ event_loop_lag_seconds = prometheus_client.Histogram(
     documentation="How late the HTTP event loop ran a timer due every 100 ms: how long something blocked it.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+explanations_withdrawn_total = prometheus_client.Counter(
+    name="cnnkit_explanations_withdrawn_total",
+    documentation="Explanation jobs withdrawn from the worker because their caller went away.",
+)
 images_total = prometheus_client.Counter(
     name="cnnkit_images_total",
     documentation="Images classified, by model.",

@@ -8,19 +8,27 @@ lock, and with it the event loop and every other request, for the whole parse.
 A worker is a plain subprocess (``python -m MODULE ARGS``) rather than multiprocessing: spawn
 would re-import the parent's ``__main__`` (BentoML's worker, pytest, a user's script), which is
 neither safe nor cheap. Only the parent speaks to it, through pipes it created, so pickle is safe.
+
+A request is ``(identifier, function, args)`` and its answer ``(identifier, ok, result)``. The
+request ``(identifier, CANCEL, ())`` withdraws an earlier one whose caller went away: a job still
+queued is answered with :class:`JobCancelledError` without running, and a running one sees
+:func:`job_cancelled` turn true (long jobs check it between steps and stop).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import pickle
+import queue
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +61,114 @@ def answer(write: Callable[[Any], None], functions: dict[str, Callable[..., Any]
             write((identifier, False, RuntimeError(f"{type(error).__name__}: {error}")))
 
 
+CANCEL = "__cancel__"  # the function name of a withdrawal: (identifier, CANCEL, ())
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in a worker, from the moment it is read until it is answered."""
+
+    write: Callable[[Any], None] = field(repr=False)
+    identifier: int
+    function: str
+    args: tuple = field(repr=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+
+_running = threading.local()
+
+
+def job_cancelled() -> bool:
+    """In a worker, while a job runs: whether its caller has withdrawn it."""
+    job = getattr(_running, "job", None)
+    return job is not None and job.cancelled.is_set()
+
+
+class JobQueue:
+    """The worker side: jobs read from one or more connections, run one at a time.
+
+    Each connection gets a reader thread (:meth:`read`), so withdrawals are seen while a job runs;
+    :meth:`run` takes the jobs in arrival order in the calling thread. A connection that ends
+    withdraws everything it asked for and has not had answered.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+
+    def read(self, read_one: Callable[[], Any], write: Callable[[Any], None]) -> None:
+        """Queue the jobs of one connection until it ends."""
+        asked: dict[int, Job] = {}
+        lock = threading.Lock()
+
+        def write_and_forget(reply: Any) -> None:
+            with lock:
+                asked.pop(reply[0], None)
+            write(reply)
+
+        try:
+            while (message := read_one()) is not None:
+                identifier, function, args = message
+                with lock:
+                    if function == CANCEL:
+                        if identifier in asked:
+                            asked[identifier].cancelled.set()
+                        continue
+                    job = asked[identifier] = Job(write_and_forget, identifier, function, args)
+                self._jobs.put(job)
+        finally:
+            with lock:
+                for job in asked.values():
+                    job.cancelled.set()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return once the jobs queued before this are done."""
+        self._jobs.put(None)
+
+    def run(self, functions: dict[str, Callable[..., Any]]) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled.is_set():
+                job.write((job.identifier, False, JobCancelledError(
+                    f"{job.function} was withdrawn by its caller before it started.")))
+                continue
+            _running.job = job
+            try:
+                answer(job.write, functions, job.identifier, job.function, job.args)
+            finally:
+                _running.job = None
+
+
 def serve_pipes(functions: dict[str, Callable[..., Any]]) -> None:
-    """In the worker: serve ``(id, function, args)`` from stdin, answering on stdout.
+    """In the worker: serve ``(id, function, args)`` from stdin, answering on stdout, until stdin ends.
 
     The protocol keeps the original stdout; anything the work prints goes to stderr instead.
     """
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     requests = os.fdopen(0, "rb")
-    while (message := read_message(requests)) is not None:
-        answer(lambda reply: write_message(answers, reply), functions, *message)
+    writing = threading.Lock()
+
+    def write(reply: Any) -> None:
+        with writing:
+            write_message(answers, reply)
+
+    jobs = JobQueue()
+
+    def read() -> None:
+        try:
+            jobs.read(lambda: read_message(requests), write)
+        finally:
+            jobs.stop()
+
+    threading.Thread(target=read, name="cnnkit-worker-requests", daemon=True).start()
+    jobs.run(functions)
 
 
 class WorkerStoppedError(Exception):
     """The worker process exited (crashed, killed or out of memory)."""
+
+
+class JobCancelledError(Exception):
+    """A job withdrawn by its caller (the client of the request went away); nobody reads its answer."""
 
 
 class JobExpiredError(Exception):
@@ -114,6 +216,17 @@ class WorkerChannel:
                     self._futures.pop(identifier, None)
                 raise WorkerStoppedError(f"the worker is not running ({error})") from error
         return future
+
+    def cancel(self, future: Future) -> None:
+        """Withdraw the job behind ``future`` (its caller went away). The worker drops it if it has
+        not started and stops it at its next check if it has; the future is answered either way."""
+        with self._lock:
+            identifier = next((key for key, value in self._futures.items() if value is future), None)
+        if identifier is None:
+            return  # answered already
+        # A worker that is gone cannot be written to; its reader fails the future.
+        with self._write_lock, contextlib.suppress(OSError, ValueError):
+            write_message(self._writer, (identifier, CANCEL, ()))
 
     def _read_answers(self) -> None:
         try:

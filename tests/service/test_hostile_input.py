@@ -9,6 +9,10 @@ the service must keep serving afterwards. ``benchmarks/hostile_input.py`` measur
 from __future__ import annotations
 
 import base64
+import json
+import re
+import secrets
+import socket
 import threading
 import time
 
@@ -85,3 +89,58 @@ def test_an_image_named_image_once_is_still_accepted(service):
     answer = httpx.post(f"{service.url}/v1/models/digits:predict", timeout=30, json={
         "instances": [{"image": {"b64": base64.b64encode(digit_png()).decode()}}]})
     assert answer.status_code == 200, answer.text
+
+
+def _withdrawn(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    match = re.search(r"^cnnkit_explanations_withdrawn_total (\S+)$", text, re.MULTILINE)
+    assert match, "no cnnkit_explanations_withdrawn_total in /metrics"
+    return float(match[1])
+
+
+def _wait_for_withdrawals(url: str, count: float) -> None:
+    deadline = time.monotonic() + 30
+    while _withdrawn(url) < count:
+        assert time.monotonic() < deadline, "the explanation was not withdrawn"
+        time.sleep(0.1)
+
+
+# Every filter of conv3 at 200 steps: tens of seconds of gradient ascent on 2 cores. A fresh seed
+# per request keeps the pattern cache out of it.
+def _long_patterns() -> dict:
+    return {"model": "digits", "layer": "conv3", "filters": 120, "steps": 200, "seed": secrets.randbelow(10**9)}
+
+
+def test_explanations_whose_clients_hang_up_are_withdrawn(service):
+    """HTTP: a client that closes its connection before the answer withdraws its explanation, so
+    the next caller is not queued behind work nobody will read."""
+    before = _withdrawn(service.url)
+    body = json.dumps(_long_patterns()).encode()
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"POST /filter_patterns HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(1.0)
+    _wait_for_withdrawals(service.url, before + 1)
+    started = time.monotonic()
+    answer = httpx.post(f"{service.url}/filter_patterns", timeout=60,
+                        json={"model": "digits", "layer": "conv1", "filters": 2, "steps": 3})
+    assert answer.status_code == 200, answer.text
+    assert time.monotonic() - started < 15, "the next explanation waited for the withdrawn one"
+
+
+def test_explanations_whose_grpc_calls_end_early_are_withdrawn(service):
+    """gRPC: a call cancelled by its client, or past its deadline, withdraws its explanation."""
+    import grpc
+
+    before = _withdrawn(service.url)
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        call = channel.unary_unary("/cnnkit.v1.Extensions/FilterPatterns")
+        with pytest.raises(grpc.RpcError) as raised:
+            call(json.dumps(_long_patterns()).encode(), timeout=1.0)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        _wait_for_withdrawals(service.url, before + 1)
+        future = call.future(json.dumps(_long_patterns()).encode(), timeout=60)
+        time.sleep(1.0)
+        future.cancel()
+        _wait_for_withdrawals(service.url, before + 2)

@@ -283,3 +283,38 @@ def test_abandoned_explanation_work_is_stopped_at_its_time_limit(store, digit, t
         assert explanations.computed_filters == 0
     finally:
         explanations.close()
+
+
+def test_work_whose_caller_left_is_withdrawn_from_the_worker(store, digit, tmp_path):
+    """A caller that goes away (the front ends call CallerWatch.leave) withdraws its job: the
+    worker stops it at its next filter instead of running it to its time limit."""
+    import threading
+
+    from cnnkit.serving import metrics
+    from cnnkit.serving.callers import CallerWatch, watching
+
+    model = store.get("digits")
+    explanations = Explanations(cache_dir=tmp_path, timeout=60.0, threads=1)
+    try:
+        explanations.start()
+        explanations.gradcam(model, digit)  # TensorFlow loaded and the model traced
+        withdrawn = metrics.explanations_withdrawn_total._value.get()
+        caller = CallerWatch()
+        threading.Timer(1.0, caller.leave).start()
+        started = time.monotonic()
+        with watching(caller), pytest.raises(UnavailableError, match="withdrawn"):
+            # Every filter of conv3, 200 steps each: tens of seconds of ascent on 2 cores.
+            explanations.filter_patterns(model, "conv3", 120, steps=200)
+        assert time.monotonic() - started < 10, "the withdrawn job ran on"
+        assert metrics.explanations_withdrawn_total._value.get() == withdrawn + 1
+        explanations.gradcam(model, digit)  # the worker is free again
+        assert explanations.computed_filters == 0
+
+        # A caller that stays gets its answer, and its watch is let go of afterwards.
+        staying = CallerWatch()
+        with watching(staying):
+            assert explanations.filter_patterns(model, "conv1", 2, steps=3).filters == [0, 1]
+        staying.leave()
+        assert metrics.explanations_withdrawn_total._value.get() == withdrawn + 1
+    finally:
+        explanations.close()

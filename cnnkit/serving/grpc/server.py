@@ -29,6 +29,7 @@ from cnnkit.errors import InvalidInputError, NotFoundError, ServingError
 from cnnkit.repository import PREDICT_OUTPUTS, PREDICT_SIGNATURE, TensorSpec
 from cnnkit.serving import metrics
 from cnnkit.serving.auth import key_matches, presented_key
+from cnnkit.serving.callers import CallerWatch, watching
 from cnnkit.serving.core import InferenceCore
 from cnnkit.serving.grpc import v2
 from cnnkit.serving.grpc.calls import DecodeErrorInterceptor, abort, rpc
@@ -292,6 +293,7 @@ class Extensions:
     METHODS: dict[str, type] = {"ListModels": EmptyRequest, "DescribeModel": ModelRequest,
                                 "FeatureMapPngs": FeatureMapsJsonRequest, "GradCam": GradCamJsonRequest,
                                 "FilterPatterns": FilterPatternsRequest}
+    WATCHED = frozenset({"GradCam", "FilterPatterns"})
 
     def __init__(self, core: InferenceCore):
         self.core = core
@@ -334,6 +336,13 @@ class Extensions:
                             raise InvalidInputError(f"The request must be a JSON object: {error}") from error
                         if isinstance(body, dict) and isinstance(body.get("model"), str):
                             observation.model = body["model"]
+                        if name in self.WATCHED:
+                            # Explanations: a call the client cancels (or whose deadline passes)
+                            # withdraws its job from the worker.
+                            caller = CallerWatch()
+                            context.add_callback(caller.leave)
+                            with watching(caller):
+                                return json.dumps(function(parse(model_type, body))).encode()
                         return json.dumps(function(parse(model_type, body))).encode()
                 except ServingError as error:
                     abort(context, error)

@@ -12,6 +12,7 @@ import asyncio
 import json
 
 from cnnkit.serving.auth import key_matches, presented_key
+from cnnkit.serving.callers import CallerWatch, watching
 
 OPEN_HTTP_PATHS = ("/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready")
 UNLIMITED_HTTP_PATHS = (*OPEN_HTTP_PATHS, "/metrics")
@@ -75,8 +76,11 @@ class BodyLimitMiddleware:
     """
 
     def __init__(self, app, limit: int, body_timeout: float = 10.0, drain_bytes: int = 128 * 1024 * 1024,
-                 drain_seconds: float = 5.0):
+                 drain_seconds: float = 5.0, watched_paths: tuple[str, ...] = ()):
         self.app = app
+        # Requests to these paths (long work) get a CallerWatch: their work is withdrawn when the
+        # client closes the connection before the answer (cnnkit.serving.callers).
+        self.watched_paths = frozenset(watched_paths)
         self.limit = limit
         self.body_timeout = body_timeout
         self.drain_bytes = drain_bytes
@@ -115,6 +119,9 @@ class BodyLimitMiddleware:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
+        if scope["path"] in self.watched_paths:
+            await self._watched(scope, body, receive, send)
+            return
         delivered = False
 
         async def replay():
@@ -125,6 +132,43 @@ class BodyLimitMiddleware:
             return await receive()  # after the body: the disconnect, whenever it comes
 
         await self.app(scope, replay, send)
+
+    async def _watched(self, scope, body: bytes, receive, send) -> None:
+        """Hand on the body, and listen for the disconnect meanwhile: when it comes before the
+        answer, the caller has gone, and the work it asked for is withdrawn."""
+        caller = CallerWatch()
+        after_body: asyncio.Future = asyncio.get_running_loop().create_future()
+        answered = False
+
+        async def listen() -> None:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not answered:
+                # Withdrawing writes to the worker's pipe: not in the event loop.
+                await asyncio.to_thread(caller.leave)
+            after_body.set_result(message)
+
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await asyncio.shield(after_body)
+
+        async def send_answer(message):
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+            await send(message)
+
+        listener = asyncio.create_task(listen())
+        try:
+            with watching(caller):
+                await self.app(scope, replay, send_answer)
+        finally:
+            answered = True
+            listener.cancel()
 
     async def _drain(self, receive) -> None:
         """Read and discard the rest of the body, within the drain bounds."""

@@ -486,8 +486,10 @@ if SETTINGS.cors_origins:
     )
 # Bodies carry at most max_body_bytes of image data, plus room for base64 (4/3) and JSON framing;
 # they are read whole (with a pause limit) before a request counts against the concurrency cap.
+# An explanation whose client closes the connection first is withdrawn from the worker.
 Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
-    BodyLimitMiddleware, limit=SETTINGS.max_body_bytes * 4 // 3 + 64 * 1024, body_timeout=SETTINGS.body_timeout
+    BodyLimitMiddleware, limit=SETTINGS.max_body_bytes * 4 // 3 + 64 * 1024, body_timeout=SETTINGS.body_timeout,
+    watched_paths=("/gradcam", "/gradcam_json", "/filter_patterns"),
 )
 Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
     ConcurrencyLimitMiddleware, limit=math.ceil(SETTINGS.max_concurrency / SETTINGS.workers)
