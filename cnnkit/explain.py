@@ -42,6 +42,9 @@ from cnnkit.repository import FEATURE_MAPS_SIGNATURE, FILTER_RESPONSES_SIGNATURE
 PATTERN_STEPS = 40
 PATTERN_STEP_SIZE = 1.0
 PATTERN_BATCH = 32
+# The ascent runs in pieces of this many steps, with a check between them (a time limit, a caller
+# who went away), so that stopping it never waits for a whole batch of filters.
+PATTERN_CHECK_STEPS = 20
 DEFAULT_PATTERN_FILTERS = 64
 
 
@@ -282,8 +285,8 @@ class FilterAscent:
             per_filter = tf.reduce_mean(values, axis=(1, 2))
             return tf.gather(per_filter, indices, axis=1, batch_dims=1)
 
-        def ascend(images, indices):
-            for _ in tf.range(steps):
+        def ascend(images, indices, count):
+            for _ in tf.range(count):
                 with tf.GradientTape() as tape:
                     tape.watch(images)
                     loss = tf.reduce_sum(mean_activation(images, indices))
@@ -292,14 +295,17 @@ class FilterAscent:
                 images = images + step_size * gradients / scale
             return images
 
+        self.steps = steps
         self.mean_activation = tf.function(mean_activation, input_signature=specs)
-        self.ascend = tf.function(ascend, input_signature=specs)
+        self.ascend = tf.function(ascend, input_signature=[*specs, tf.TensorSpec((), tf.int32)])
 
     def run(self, filters: Sequence[int], *, seed: int = 0, batch_size: int = PATTERN_BATCH,
-            progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            progress: Callable[[int], None] | None = None,
+            check: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The patterns (F, H, W, C) as uint8 and each filter's mean response (F, 2) before and
         after the ascent; a dead filter (:func:`is_dead`: the ascent could not move its response)
-        is drawn black. ``progress`` is called with the number of filters done."""
+        is drawn black. ``progress`` is called with the number of filters done; ``check`` every
+        ``PATTERN_CHECK_STEPS`` steps (it raises to stop the work: the service's time limits)."""
         import tensorflow as tf
 
         generator = np.random.default_rng(seed)
@@ -322,7 +328,11 @@ class FilterAscent:
                 better = silent & (response > 0)
                 images[better] = candidate[better]
                 before = np.where(better, response, before)
-            result = self.ascend(tf.constant(images), indices)
+            result = tf.constant(images)
+            for done in range(0, self.steps, PATTERN_CHECK_STEPS):
+                result = self.ascend(result, indices, tf.constant(min(PATTERN_CHECK_STEPS, self.steps - done)))
+                if check is not None:
+                    check()
             after = self.mean_activation(result, indices).numpy()
             for image, first, last in zip(result.numpy(), before, after, strict=True):
                 # A dead filter shows as a black cell rather than as meaningless noise.
@@ -398,14 +408,15 @@ class BaseExplainer:
 
     def filter_patterns(self, layer: str, filters: Sequence[int] | int | None = None, *,
                         steps: int = PATTERN_STEPS, seed: int = 0,
-                        progress: Callable[[int], None] | None = None) -> tuple[list[int], np.ndarray, np.ndarray]:
+                        progress: Callable[[int], None] | None = None,
+                        check: Callable[[], None] | None = None) -> tuple[list[int], np.ndarray, np.ndarray]:
         """(filter indices, patterns (F, H, W, C) uint8, mean activation before/after (F, 2))."""
         chosen_layer = check_conv_layer(layer, self.conv_layers, self.name)
         indices = check_filters(filters, self.layer_channels[chosen_layer], chosen_layer)
         key = (chosen_layer, steps)
         if key not in self._ascents:  # traced once per layer and step count
             self._ascents[key] = FilterAscent(self._activations(chosen_layer), self.input_shape, steps=steps)
-        patterns, gains = self._ascents[key].run(indices, seed=seed, progress=progress)
+        patterns, gains = self._ascents[key].run(indices, seed=seed, progress=progress, check=check)
         return indices, patterns, gains
 
 

@@ -82,7 +82,7 @@ def filter_patterns(path: str, metadata: dict[str, Any], layer: str, filters: li
     _check(deadline, "A filter-pattern job")
     return _explainer(path, metadata).filter_patterns(
         layer, filters, steps=steps, seed=seed,
-        progress=lambda _done: _check(deadline, "A filter-pattern job"))  # checked after every filter
+        check=lambda: _check(deadline, "A filter-pattern job"))  # every few steps of the ascent
 
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {"warm_up": warm_up, "gradcam": gradcam, "filter_patterns": filter_patterns}
