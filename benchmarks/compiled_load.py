@@ -9,6 +9,7 @@ figures are unreliable against some servers. Then the issue's targets, as ratios
 
     python benchmarks/compiled_load.py [--run runs/mnist_convnet | --tiny-recipe mnist_convnet]
                                        [--model digits] [--clients 1,16,64] [--seconds 10]
+                                       [--workers 1] [--protocols grpc,multipart,rest,b64]
 
 Needs ``wrk`` and ``h2load`` (Debian: ``apt-get install wrk nghttp2-client``).
 """
@@ -103,6 +104,9 @@ def main() -> int:
     parser.add_argument("--model", default="digits")
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=1, help="server processes (cnnkit serve --workers)")
+    parser.add_argument("--protocols", default="grpc,multipart,rest,b64",
+                        help="which of grpc, multipart, rest (JSON pixels), b64 (JSON base64) to run")
     args = parser.parse_args()
     missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
     if missing:
@@ -134,7 +138,7 @@ def main() -> int:
         grpc_body = grpc_frame(request.SerializeToString())
 
         rows = []
-        with ServiceProcess(repository, workdir) as service:
+        with ServiceProcess(repository, workdir, environment={"CNNKIT_WORKERS": str(args.workers)}) as service:
             protocols = {
                 "gRPC Predict (h2load)": lambda clients: run_h2load(service.grpc_target, grpc_body, clients,
                                                                     args.seconds, workdir),
@@ -157,6 +161,12 @@ def main() -> int:
                     service.url, f"/v1/models/{args.model}:predict", None, None, clients, args.seconds, None,
                     "python REST", content=rest_json, headers={"Content-Type": "application/json"}),
             }
+            chosen = {"grpc": "gRPC Predict (h2load)", "multipart": "HTTP /predict multipart (wrk)",
+                      "rest": "REST JSON pixels (wrk)", "b64": "REST JSON b64 (wrk)"}
+            unknown = set(args.protocols.split(",")) - set(chosen)
+            if unknown:
+                raise SystemExit(f"unknown protocols {sorted(unknown)}; choose from {sorted(chosen)}")
+            protocols = {chosen[name]: protocols[chosen[name]] for name in args.protocols.split(",")}
             for protocol, generate in protocols.items():
                 for clients in levels:
                     calls_before, images_before = batch_totals(service.url, args.model)
@@ -172,6 +182,7 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    print(f"{args.workers} server process(es)")
     print("| protocol | clients | req/s | generator p50 / p99 ms | mean batch | Python client req/s "
           "| Python p50 / p99 ms | p99 / p50 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
