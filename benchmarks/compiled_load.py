@@ -5,7 +5,9 @@ a pre-framed request body) leave the cores to the server, unlike a Python load g
 each protocol and level: req/s and the generator's own p50/p99 (wrk only: h2load reports no
 percentiles), the server's mean inference batch (from ``/metrics``, before and after), and p50/p99
 from a Python client at the same level (the SDK over gRPC, httpx over HTTP), since wrk's latency
-figures are unreliable against some servers. Then the issue's targets, as ratios of this run.
+figures are unreliable against some servers; and the server's stalls during the level (garbage
+collections over 25 ms, event-loop lags over 50 ms, from ``/metrics``). Then the issue's targets,
+as ratios of this run.
 
     python benchmarks/compiled_load.py [--run runs/mnist_convnet | --tiny-recipe mnist_convnet]
                                        [--model digits] [--clients 1,16,64] [--seconds 10]
@@ -45,6 +47,24 @@ def batch_totals(url: str, model: str) -> tuple[float, float]:
         if f'model="{model}"' in labels:
             total[kind] += float(value)
     return total["count"], total["sum"]
+
+
+def pauses(url: str) -> dict[str, float]:
+    """Cumulative counts so far: garbage collections over 25 ms (any generation) and event-loop
+    lags over 50 ms, summed over the server processes (from ``/metrics``), and the longest bucket seen."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    counts = {"gc": 0.0, "gc_all": 0.0, "lag": 0.0, "lag_all": 0.0}
+    for name, key, bound in (("cnnkit_gc_pause_seconds", "gc", "0.025"),
+                             ("cnnkit_event_loop_lag_seconds", "lag", "0.05")):
+        for le, value in re.findall(rf'^{name}_bucket\{{[^}}]*le="([^"]+)"[^}}]*\}} (\S+)$', text, re.MULTILINE):
+            if le == bound:
+                counts[key] -= float(value)
+            elif le == "+Inf":
+                counts[key] += float(value)
+                counts[f"{key}_all"] += float(value)
+    return counts
 
 
 def _required(pattern: str, output: str) -> str:
@@ -170,8 +190,11 @@ def main() -> int:
             for protocol, generate in protocols.items():
                 for clients in levels:
                     calls_before, images_before = batch_totals(service.url, args.model)
+                    paused_before = pauses(service.url)
                     measured = generate(clients)
                     calls_after, images_after = batch_totals(service.url, args.model)
+                    paused_after = pauses(service.url)
+                    measured.update({key: paused_after[key] - paused_before[key] for key in paused_after})
                     calls = calls_after - calls_before
                     mean_batch = (images_after - images_before) / calls if calls else float("nan")
                     python = python_clients.get(protocol)
@@ -183,9 +206,9 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"{args.workers} server process(es)")
-    print("| protocol | clients | req/s | generator p50 / p99 ms | mean batch | Python client req/s "
-          "| Python p50 / p99 ms | p99 / p50 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| protocol | clients | req/s | generator p50 / p99 ms | mean batch | GC > 25 ms | loop lag > 50 ms "
+          "| Python client req/s | Python p50 / p99 ms | p99 / p50 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for protocol, clients, measured, mean_batch, checked in rows:
         generator = (f"{measured['p50']:.2f} / {measured['p99']:.2f}" if "p50" in measured
                      else f"mean {measured['mean']:.2f}")
@@ -195,8 +218,10 @@ def main() -> int:
         else:
             cross_check = "– | – | –"
         errors = f" ({measured['errors']:.0f} errors)" if measured["errors"] else ""
+        stalls = (f"{measured['gc']:.0f} of {measured['gc_all']:.0f} | "
+                  f"{measured['lag']:.0f} of {measured['lag_all']:.0f}")
         print(f"| {protocol} | {clients} | {measured['rate']:,.0f}{errors} | {generator} | {mean_batch:.1f} | "
-              f"{cross_check} |")
+              f"{stalls} | {cross_check} |")
     rates = {(protocol, clients): measured["rate"] for protocol, clients, measured, _, _ in rows}
     for protocol in protocols:
         low, high = rates.get((protocol, min(levels))), rates.get((protocol, max(levels)))

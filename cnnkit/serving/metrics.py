@@ -129,6 +129,39 @@ def record_batch(model: str, size: int) -> None:  # model: a served model's name
 
 STALL_SECONDS = 0.25  # a lag this long is logged: every request waiting on the loop waited that long
 
+gc_pause_seconds = prometheus_client.Histogram(
+    name="cnnkit_gc_pause_seconds",
+    documentation="How long each garbage collection of the server process stopped it, by generation.",
+    labelnames=["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+
+
+def time_garbage_collections() -> None:
+    """Time every collection of this process's garbage collector (``gc_pause_seconds``): a full
+    collection stops every thread, the event loop included, for as long as it walks the heap."""
+    import gc
+    import time
+
+    started: list[float] = [0.0]
+    # Children are created per generation once, so the callback does no label lookup.
+    by_generation = [gc_pause_seconds.labels(generation=str(generation)) for generation in range(3)]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pause = time.perf_counter() - started[0]
+            by_generation[info["generation"]].observe(pause)
+            if pause >= STALL_SECONDS:
+                logging.getLogger("cnnkit.serving").warning(
+                    "a garbage collection (generation %d) stopped the process for %.0f ms", info["generation"],
+                    pause * 1000)
+
+    if not any(getattr(existing, "cnnkit_gc_timer", False) for existing in gc.callbacks):
+        callback.cnnkit_gc_timer = True  # type: ignore[attr-defined]
+        gc.callbacks.append(callback)
+
 
 async def watch_event_loop(interval: float = 0.1) -> None:
     """Measure, forever, how late the running event loop wakes a timer (``event_loop_lag_seconds``)

@@ -29,3 +29,24 @@ def test_a_blocked_loop_shows_as_lag_and_a_logged_stall(caplog):
     assert count_after - count_before >= 4
     assert sum_after - sum_before >= 0.3  # the blocked 0.4 s, less the timer's own 20 ms
     assert any("event loop was blocked for" in record.getMessage() for record in caplog.records)
+
+
+def test_garbage_collections_are_timed_by_generation():
+    import gc
+
+    def full_collections() -> tuple[float, float]:
+        samples = {(sample.name, sample.labels.get("generation")): sample.value
+                   for sample in metrics.gc_pause_seconds.collect()[0].samples}
+        return (samples.get(("cnnkit_gc_pause_seconds_count", "2"), 0.0),
+                samples.get(("cnnkit_gc_pause_seconds_sum", "2"), 0.0))
+
+    metrics.time_garbage_collections()
+    metrics.time_garbage_collections()  # timed once however often it is called
+    count, total = full_collections()
+    garbage = [[index] for index in range(200_000)]  # something for the collection to walk
+    gc.collect()
+    del garbage
+    count_after, total_after = full_collections()
+    assert count_after >= count + 1  # gc.collect(), and any the allocations set off
+    assert total_after > total
+    assert sum(getattr(callback, "cnnkit_gc_timer", False) for callback in gc.callbacks) == 1

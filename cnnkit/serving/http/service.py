@@ -211,6 +211,7 @@ def quiet_garbage_collector() -> None:
     clients were added, since every request in flight adds objects a full collection walks."""
     gc.collect()
     gc.freeze()
+    metrics.time_garbage_collections()
     young, middle, old = gc.get_threshold()
     gc.set_threshold(max(young, 20_000), middle, old)
 
