@@ -133,11 +133,14 @@ def _conv_block_stack(
     batch_norm: bool,
     l2: float,
     dropouts: Sequence[float],
+    norm_first: bool = False,
 ):
     """Blocks of 3x3 convolutions (ReLU, optional batch norm after each), a 2x2 max-pool and dropout
     per block, then Flatten and a last dropout: ``conv1``, ``bn1``... ``pool1``, ``dropout1``...
 
-    ``dropouts`` has one rate per block and one before the classifier.
+    ``dropouts`` has one rate per block and one before the classifier. With ``norm_first`` the batch
+    norm sits between each convolution (then without a bias, which the norm would cancel) and its
+    ReLU, as in ResNets, instead of after the ReLU as in the course.
     """
     if len(dropouts) != len(filters) + 1:
         raise ModelError(f"dropouts needs {len(filters) + 1} rates ({len(filters)} blocks, classifier), "
@@ -150,6 +153,12 @@ def _conv_block_stack(
     for block, width in enumerate(filters, start=1):
         for _ in range(convs_per_block):
             conv_index += 1
+            if batch_norm and norm_first:
+                x = layers.Conv2D(int(width), 3, padding="same", use_bias=False,
+                                  kernel_regularizer=regularizer, name=f"conv{conv_index}")(x)
+                x = layers.BatchNormalization(name=f"bn{conv_index}")(x)
+                x = layers.ReLU(name=f"relu{conv_index}")(x)
+                continue
             x = layers.Conv2D(
                 int(width), 3, padding="same", activation="relu",
                 kernel_regularizer=regularizer, name=f"conv{conv_index}",
@@ -193,14 +202,16 @@ def conv_blocks(
     batch_norm: bool = True,
     l2: float = 5e-4,
     dropouts: Sequence[float] = (0.1, 0.2, 0.3, 0.4),
+    norm_first: bool = False,
 ) -> keras.Model:
     """The course's conv-block family, any width: ``cifar10_cnn`` with ``filters`` per block.
 
     For 28×28 grey images (Fashion-MNIST) as for 32×32 colour ones; each block halves the size.
+    ``norm_first`` puts each batch norm before its ReLU (convolution, batch norm, ReLU).
     """
     shape = _check_shape(input_shape, minimum=2 ** len(filters))
     inputs = _image_input(shape)
-    x = _conv_block_stack(inputs, filters, convs_per_block, batch_norm, l2, dropouts)
+    x = _conv_block_stack(inputs, filters, convs_per_block, batch_norm, l2, dropouts, norm_first)
     outputs = _classifier_head(x, num_classes)
     return keras.Model(inputs, outputs, name="conv_blocks")
 

@@ -161,3 +161,18 @@ def test_the_zoo_listing_names_what_the_registry_builds():
     listed = [name for name, _description in describe_zoo()]
     assert "lenet5" in listed and all(description for _name, description in describe_zoo())
     assert listed == list_models()  # the source listing and the registry agree
+
+
+def test_conv_blocks_can_normalise_before_each_relu():
+    model = create_model("conv_blocks", input_shape=(16, 16, 3), filters=(8, 16), dropouts=(0.1, 0.1, 0.2),
+                         norm_first=True)
+    names = [layer.name for layer in model.layers]
+    # Convolution, batch norm, ReLU; the convolutions lose the bias the norm would cancel.
+    assert names[2:5] == ["conv1", "bn1", "relu1"]
+    assert not model.get_layer("conv1").use_bias and model.get_layer("conv1").activation.__name__ == "linear"
+    course_order = create_model("conv_blocks", input_shape=(16, 16, 3), filters=(8, 16), dropouts=(0.1, 0.1, 0.2))
+    biases = 8 + 8 + 16 + 16
+    assert model.count_params() == course_order.count_params() - biases
+    probabilities = model.predict(np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype("float32"),
+                                  verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
