@@ -2,7 +2,9 @@
 
 For each case, in one run on one machine: the answer's status, the time to refuse, the service's
 peak resident memory (all its processes, sampled every 10 ms) against its memory before, and the
-latency of ``GET /livez`` probed every 20 ms while the case runs. Bounded: each case is one request
+latency of ``GET /livez`` probed every 20 ms while the case runs, from a process of its own (a probe
+thread beside the threads sending the case would measure this process's interpreter lock as
+well as the server). Bounded: each case is one request
 (five for the large-body cases), each refused in seconds at most.
 
     python benchmarks/hostile_input.py [--run runs/mnist_convnet | --tiny-recipe mnist_convnet] [--model digits]
@@ -12,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,11 +28,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-class Sampler(threading.Thread):
-    """Samples the service's resident memory and /livez latency until stopped."""
+# The health probe's process: GET /livez every 20 ms until its standard input closes, saying
+# "ready" after the first answer, then print the latencies (ms) as a JSON list.
+PROBE = """
+import json, sys, threading, time
+import httpx
+
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+latencies = []
+with httpx.Client(base_url=sys.argv[1], timeout=10) as probe:
+    while not stop.is_set():
+        started = time.perf_counter()
+        try:
+            probe.get("/livez")
+        except httpx.HTTPError:
+            pass
+        if not latencies:
+            print("ready", flush=True)
+        latencies.append((time.perf_counter() - started) * 1000)
+        stop.wait(0.02)
+print(json.dumps(latencies))
+"""
+
+
+class Sampler:
+    """Samples the service's resident memory (a thread here) and /livez latency (a probe process)
+    until stopped."""
 
     def __init__(self, pid: int, url: str):
-        super().__init__(daemon=True)
         import psutil
 
         self.root = psutil.Process(pid)
@@ -38,6 +65,7 @@ class Sampler(threading.Thread):
         self.health_ms: list[float] = []
         self.stopping = threading.Event()
         self.memory = threading.Thread(target=self._memory, daemon=True)
+        self.probe: subprocess.Popen | None = None
 
     def resident(self) -> int:
         total = 0
@@ -51,22 +79,19 @@ class Sampler(threading.Thread):
             self.peak = max(self.peak, self.resident())
             self.stopping.wait(0.01)
 
-    def run(self) -> None:
-        import httpx
-
+    def start(self) -> None:
         self.memory.start()
-        with httpx.Client(base_url=self.url, timeout=10) as probe:
-            while not self.stopping.is_set():
-                started = time.perf_counter()
-                with contextlib.suppress(httpx.HTTPError):
-                    probe.get("/livez")
-                self.health_ms.append((time.perf_counter() - started) * 1000)
-                self.stopping.wait(0.02)
+        self.probe = subprocess.Popen([sys.executable, "-c", PROBE, self.url], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+        assert self.probe.stdout is not None
+        self.probe.stdout.readline()  # "ready": the prober's start-up is not part of the case
 
     def stop(self) -> None:
         self.stopping.set()
-        self.join()
         self.memory.join()
+        assert self.probe is not None
+        output, _ = self.probe.communicate("", timeout=60)
+        self.health_ms = json.loads(output.strip().splitlines()[-1])
 
 
 def main() -> int:

@@ -42,10 +42,11 @@ def with_arrays(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def loads(body: bytes) -> Any:
+def loads(body: bytes | memoryview) -> Any:
     from cnnkit.serving.http.bodies import loads_json
 
-    return with_arrays(loads_json(body))
+    # A body sent out of band arrives as a read-only view of the bytes received.
+    return with_arrays(loads_json(body if isinstance(body, bytes) else body.tobytes()))
 
 
 FUNCTIONS = {"loads": loads}

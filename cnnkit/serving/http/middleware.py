@@ -13,6 +13,7 @@ import json
 
 from cnnkit.serving.auth import key_matches, presented_key
 from cnnkit.serving.callers import CallerWatch, watching
+from cnnkit.serving.http.bodies import join_chunks
 
 OPEN_HTTP_PATHS = ("/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready")
 UNLIMITED_HTTP_PATHS = (*OPEN_HTTP_PATHS, "/metrics")
@@ -118,7 +119,7 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
-        body = b"".join(chunks)
+        body = await join_chunks(chunks)
         if scope["path"] in self.watched_paths:
             await self._watched(scope, body, receive, send)
             return
