@@ -88,3 +88,18 @@ def test_the_json_worker_parses_a_large_body_into_arrays():
         bodies.JSON_WORKER.close()
     assert isinstance(parsed["instances"], np.ndarray) and parsed["instances"].shape == (2, 28, 28)
     assert float(parsed["instances"][1, 3, 4]) == 1.5
+
+
+@pytest.mark.parametrize("array", [
+    np.asfortranarray(np.arange(12.0).reshape(3, 4)),  # out of band, Fortran order
+    np.arange(20.0)[::2],  # not contiguous: in the pickle itself
+    np.zeros((0, 3), np.float32),
+    np.arange(6, dtype=np.uint8).reshape(2, 3).T,
+])
+def test_arrays_of_any_layout_come_back_equal(array):
+    stream = io.BytesIO()
+    workers.write_message(stream, array)
+    stream.seek(0)
+    back = workers.read_message(stream)
+    assert back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
