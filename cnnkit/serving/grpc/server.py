@@ -15,6 +15,7 @@ so the serving process needs neither ``tensorflow-serving-api`` nor TensorFlow.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -298,6 +299,13 @@ class Extensions:
     def __init__(self, core: InferenceCore):
         self.core = core
 
+    @staticmethod
+    def _watched(context) -> CallerWatch:
+        """The caller of a gRPC call: it leaves when the call ends (finished, cancelled or past its deadline)."""
+        caller = CallerWatch()
+        context.add_callback(caller.leave)
+        return caller
+
     def ListModels(self, request: EmptyRequest) -> dict[str, Any]:  # noqa: N802
         return {"models": self.core.describe_all()}
 
@@ -336,14 +344,10 @@ class Extensions:
                             raise InvalidInputError(f"The request must be a JSON object: {error}") from error
                         if isinstance(body, dict) and isinstance(body.get("model"), str):
                             observation.model = body["model"]
-                        if name in self.WATCHED:
-                            # Explanations: a call the client cancels (or whose deadline passes)
-                            # withdraws its job from the worker.
-                            caller = CallerWatch()
-                            context.add_callback(caller.leave)
-                            with watching(caller):
-                                return json.dumps(function(parse(model_type, body))).encode()
-                        return json.dumps(function(parse(model_type, body))).encode()
+                        # Explanations: a call the client cancels (or whose deadline passes)
+                        # withdraws its job from the worker.
+                        with watching(self._watched(context)) if name in self.WATCHED else contextlib.nullcontext():
+                            return json.dumps(function(parse(model_type, body))).encode()
                 except ServingError as error:
                     abort(context, error)
 

@@ -61,6 +61,20 @@ class MountRootMiddleware:
         await self.app(scope, receive, send)
 
 
+def _replaying(body: bytes, then):
+    """An ASGI ``receive`` that gives the whole ``body`` in one message, then what ``then()`` gives."""
+    delivered = False
+
+    async def receive():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive
+
+
 class BodyLimitMiddleware:
     """Read every request body before the routes see it: refused with 413 once over ``limit``
     bytes (declared or streamed chunked), with 408 when it pauses longer than ``body_timeout``
@@ -123,16 +137,8 @@ class BodyLimitMiddleware:
         if scope["path"] in self.watched_paths:
             await self._watched(scope, body, receive, send)
             return
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: the disconnect, whenever it comes
-
-        await self.app(scope, replay, send)
+        # After the body: the disconnect, whenever it comes.
+        await self.app(scope, _replaying(body, receive), send)
 
     async def _watched(self, scope, body: bytes, receive, send) -> None:
         """Hand on the body, and listen for the disconnect meanwhile: when it comes before the
@@ -148,15 +154,6 @@ class BodyLimitMiddleware:
                 await asyncio.to_thread(caller.leave)
             after_body.set_result(message)
 
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await asyncio.shield(after_body)
-
         async def send_answer(message):
             nonlocal answered
             if message["type"] == "http.response.start":
@@ -166,7 +163,7 @@ class BodyLimitMiddleware:
         listener = asyncio.create_task(listen())
         try:
             with watching(caller):
-                await self.app(scope, replay, send_answer)
+                await self.app(scope, _replaying(body, lambda: asyncio.shield(after_body)), send_answer)
         finally:
             answered = True
             listener.cancel()
