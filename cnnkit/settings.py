@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP and gRPC servers listen on.")
     http_port: int = Field(3000, ge=0, le=65535, description="HTTP port (BentoML).")
     grpc_port: int = Field(8500, ge=-1, le=65535, description="gRPC port (TF Serving's API); -1 turns gRPC off.")
-    grpc_threads: int = Field(16, ge=1, description="Threads serving gRPC calls.")
+    grpc_threads: int = Field(16, ge=1, description=(
+        "Threads serving the gRPC calls other than inference (metadata, status, explanations); inference "
+        "runs on the gRPC server's event loop."))
     workers: int = Field(1, ge=1, description=(
         "Server processes: each serves HTTP (BentoML's workers) and gRPC (one port, SO_REUSEPORT) with "
         "its own ONNX Runtime sessions sharing the cores."))
@@ -82,6 +84,9 @@ class Settings(BaseSettings):
         description="Let ONNX Runtime's threads spin between runs (faster alone, burns a core).")
     max_batch_size: int = Field(64, ge=1, description="Most images in one ONNX Runtime call of the batcher.")
     batch_wait_ms: float = Field(0.0, ge=0, description="How long a batch waits for company (0: natural batching).")
+    inline_batch_ms: float = Field(
+        1.0, ge=0, description=("A lone request whose model is measured to take at most this long runs in the "
+                                "serving event loop instead of a thread (0: always a thread)."))
     max_concurrency: int = Field(
         64, ge=1, description=("Most HTTP requests in progress at once (counted once their body has arrived); "
                                "more are answered 429."))

@@ -7,6 +7,15 @@ form the next batch. So a lone request runs at once (no added latency), and unde
 grow by themselves. ``max_wait_ms`` (default 0) makes the worker also wait that long for company
 after the first request.
 
+A lone request for a quick model runs in the event loop itself: when no batch is running and none
+is queued, and the model's measured time (a running mean per image) says the batch takes at most
+``inline_ms`` (default 1 ms), handing it to a thread and back would cost the loop more than the
+inference (ONNX Runtime releases the interpreter lock while it computes). For the digits model
+(about 0.1 ms an image) every request then runs this way, under load too: the loop, not the model,
+is what limits a Python server there, and gRPC at 16 and 64 clients gained about half its
+throughput with it (see the README's compiled-load figures). Slower models, and every model until
+its first batch has been timed, batch in a thread as above.
+
 Admission control: far past capacity, a queue without bounds only makes every answer later. So at
 most ``max_queue`` requests wait per model version (more are refused at once with
 :class:`~cnnkit.errors.OverloadedError`: HTTP 503 with ``Retry-After``, gRPC ``RESOURCE_EXHAUSTED``),
@@ -14,14 +23,14 @@ and a request that waited longer than ``max_queue_ms`` when its batch is formed 
 way instead of being run for a client that has probably given up. Health checks never queue here.
 
 Requests are validated before they are queued, so one caller's bad input never fails another
-caller's batch. :class:`ThreadBatcher` does the same for callers on threads (gRPC).
+caller's batch. A batcher queues on the event loop that first submits to it: each front end's
+loop has its own (see :class:`cnnkit.serving.core.InferenceCore`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +74,7 @@ class Batching:
         self.max_queue = max_queue
         self.max_queue_seconds = max_queue_ms / 1000 if max_queue_ms else None
         self.stats = BatchStats()
+        self.seconds_per_image: float | None = None  # running mean of the model's time, once a batch has run
 
     @property
     def waiting(self) -> int:
@@ -95,7 +105,11 @@ class Batching:
         """Stop whatever runs batches in the background (nothing, unless a subclass has a worker)."""
 
     def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         outputs = self.infer(images)
+        per_image = (time.perf_counter() - started) / max(1, len(images))
+        previous = self.seconds_per_image
+        self.seconds_per_image = per_image if previous is None else 0.8 * previous + 0.2 * per_image
         self.stats.batches += 1
         self.stats.images += len(images)
         if self.on_batch is not None:
@@ -108,11 +122,14 @@ class MicroBatcher(Batching):
 
     def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
                  max_wait_ms: float = 0.0, on_batch: Callable[[int], None] | None = None,
-                 max_queue: int | None = None, max_queue_ms: float | None = None):
+                 max_queue: int | None = None, max_queue_ms: float | None = None, inline_ms: float = 1.0):
         super().__init__(infer, max_batch_size, on_batch, max_queue, max_queue_ms)
         self.max_wait = max_wait_ms / 1000
+        self.inline_seconds = inline_ms / 1000
+        self.inline_batches = 0  # lone requests run in the event loop (see submit)
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
+        self._running = 0  # batches handed to a thread and not back yet
 
     @property
     def waiting(self) -> int:
@@ -125,13 +142,29 @@ class MicroBatcher(Batching):
         return self._queue
 
     def close(self) -> None:
-        """Stop the worker task (call it from the batcher's event loop); queued calls are cancelled."""
-        if self._worker is not None:
-            self._worker.cancel()
-        if self._queue is not None:
-            while not self._queue.empty():
-                self._queue.get_nowait().future.cancel()
+        """Stop the worker task; queued calls are cancelled. From any thread: the work is done on
+        the batcher's own event loop."""
+        worker, queue = self._worker, self._queue
         self._worker = self._queue = None
+        if worker is None or queue is None:
+            return
+
+        def cancel() -> None:
+            worker.cancel()
+            while not queue.empty():
+                queue.get_nowait().future.cancel()
+
+        loop = worker.get_loop()
+        if loop.is_closed():  # nothing runs there any more
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            cancel()
+        else:
+            loop.call_soon_threadsafe(cancel)
 
     async def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Queue ``images`` (N, ...) and return the outputs for exactly those N images."""
@@ -140,9 +173,20 @@ class MicroBatcher(Batching):
         if len(images) > self.max_batch_size:
             # A request bigger than a batch runs on its own rather than being split.
             return await asyncio.to_thread(self._run_batch, images)
+        if self._running == 0 and queue.empty() and self._quick(len(images)):
+            # Alone, and the model is quick: handing the batch to a thread and back would cost the
+            # loop more than running it here (ONNX Runtime releases the interpreter lock meanwhile).
+            self.inline_batches += 1
+            return self._run_batch(images)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         await queue.put(_Pending(images, future))
         return await future
+
+    def _quick(self, images: int) -> bool:
+        """Whether a batch of ``images`` is expected to take at most ``inline_ms`` (never while
+        ``max_wait_ms`` asks for company, nor before the model has been timed)."""
+        per_image = self.seconds_per_image
+        return self.max_wait == 0 and per_image is not None and per_image * images <= self.inline_seconds
 
     async def _run(self) -> None:
         assert self._queue is not None
@@ -183,7 +227,11 @@ class MicroBatcher(Batching):
             return
         batch = np.concatenate([item.images for item in live]) if len(live) > 1 else live[0].images
         try:
-            outputs = await asyncio.to_thread(self._run_batch, batch)
+            self._running += 1
+            try:
+                outputs = await asyncio.to_thread(self._run_batch, batch)
+            finally:
+                self._running -= 1
         except Exception as error:  # noqa: BLE001 - every waiting caller gets the error.
             for item in live:
                 if not item.future.done():
@@ -195,104 +243,3 @@ class MicroBatcher(Batching):
             if not item.future.done():
                 item.future.set_result({name: value[start:end] for name, value in outputs.items()})
             start = end
-
-
-@dataclass
-class _Waiting:
-    images: np.ndarray
-    done: threading.Event = field(default_factory=threading.Event, repr=False)
-    queued: float = field(default_factory=time.monotonic)
-    outputs: dict[str, np.ndarray] | None = None
-    error: BaseException | None = None
-    lead: bool = False
-
-
-class ThreadBatcher(Batching):
-    """The same natural batching for callers on threads (the gRPC server), without an event loop.
-
-    The first caller that finds no batch running runs one itself, in its own thread, so a lone
-    request pays no hand-off at all. Callers that arrive meanwhile wait; when the batch is done the
-    finishing caller passes the lead to the oldest waiting one, which runs everything queued by
-    then (up to ``max_batch_size`` images) as the next batch.
-    """
-
-    def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], *, max_batch_size: int = 64,
-                 on_batch: Callable[[int], None] | None = None, max_queue: int | None = None,
-                 max_queue_ms: float | None = None):
-        super().__init__(infer, max_batch_size, on_batch, max_queue, max_queue_ms)
-        self._lock = threading.Lock()
-        self._queue: list[_Waiting] = []
-        self._running = False
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Run ``images`` (N, ...) in the next batch and return the outputs for exactly those N."""
-        with self._lock:
-            self._admit(len(self._queue))
-        if len(images) > self.max_batch_size:
-            return self._run_batch(images)
-        item = _Waiting(images)
-        with self._lock:
-            self._queue.append(item)
-            lead = not self._running
-            self._running = True
-        if not lead:
-            item.done.wait()
-            if not item.lead:
-                return self._result(item)
-        # Leading: this caller's item is the oldest queued, so it is in the batch taken now.
-        with self._lock:
-            batch: list[_Waiting] = []
-            count = 0
-            while self._queue and (not batch or count + len(self._queue[0].images) <= self.max_batch_size):
-                taken = self._queue.pop(0)
-                batch.append(taken)
-                count += len(taken.images)
-        self._dispatch(batch)
-        with self._lock:
-            if self._queue:
-                following = self._queue[0]
-                following.lead = True
-                following.done.set()
-            else:
-                self._running = False
-        return self._result(item)
-
-    @staticmethod
-    def _result(item: _Waiting) -> dict[str, np.ndarray]:
-        if item.error is not None:
-            raise item.error
-        assert item.outputs is not None
-        return item.outputs
-
-    def _dispatch(self, waiting: list[_Waiting]) -> None:
-        now = time.monotonic()
-        batch = []
-        for item in waiting:
-            item.error = self._expired(item.queued, now)
-            if item.error is None:
-                batch.append(item)
-        for item in waiting:
-            if item.error is not None:
-                item.lead = False
-                item.done.set()
-        if not batch:
-            return
-        try:
-            images = np.concatenate([item.images for item in batch]) if len(batch) > 1 else batch[0].images
-            outputs = self._run_batch(images)
-        except Exception as error:  # noqa: BLE001 - every caller of the batch gets the error.
-            for item in batch:
-                item.error = error
-        else:
-            start = 0
-            for item in batch:
-                end = start + len(item.images)
-                item.outputs = {name: value[start:end] for name, value in outputs.items()}
-                start = end
-        for item in batch:
-            item.lead = False
-            item.done.set()

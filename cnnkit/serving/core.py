@@ -3,7 +3,8 @@ model descriptions.
 
 One ``InferenceCore`` per server process owns the model store, the batchers of every model version
 and the explanation worker. The HTTP front end (BentoML) and the gRPC front end are built on the
-same instance, so they share models, the version policy, batches and the metrics. Requests reach
+same instance, so they share models, the version policy and the metrics; each serves from its own
+event loop, with batchers of its own. Requests reach
 it validated (see :mod:`cnnkit.serving.requests` and :mod:`cnnkit.serving.inputs`).
 """
 
@@ -12,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +24,7 @@ from cnnkit.errors import InvalidInputError
 from cnnkit.pictures import feature_map_figure, feature_map_title, gradcam_figure, pattern_figure, to_png
 from cnnkit.repository import PREDICT_OUTPUTS
 from cnnkit.serving import metrics
-from cnnkit.serving.batching import Batching, MicroBatcher, ThreadBatcher
+from cnnkit.serving.batching import MicroBatcher
 from cnnkit.serving.explain import Explanations, FilterPatterns, GradCam, explain_layers
 from cnnkit.serving.inputs import DEFAULT_LIMITS, InputLimits, top_k
 from cnnkit.serving.model_store import LoadedModel, ModelStore
@@ -49,23 +51,18 @@ class Classification:
         return {"model": self.model, "version": self.version, "predictions": self.predictions}
 
 
-Batcher = TypeVar("Batcher", bound=Batching)
+class VersionBatchers:
+    """One micro-batcher per served model version (on one event loop), running that version's
+    probabilities and counting its batches in the metrics. When a new version's batcher is made,
+    those of retired versions are closed and dropped, so that their ONNX Runtime sessions can be freed."""
 
-
-class VersionBatchers(Generic[Batcher]):
-    """One batcher per served model version, running that version's probabilities and counting
-    its batches in the metrics. Used by both front ends (``MicroBatcher`` for HTTP's event loop,
-    ``ThreadBatcher`` for gRPC's threads). When a new version's batcher is made, those of retired
-    versions are closed and dropped, so that their ONNX Runtime sessions can be freed."""
-
-    def __init__(self, store: ModelStore,
-                 make: Callable[[Callable[[np.ndarray], dict[str, np.ndarray]], Callable[[int], None]], Batcher]):
+    def __init__(self, store: ModelStore, make: Callable[..., MicroBatcher]):
         self.store = store
         self.make = make
-        self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._batchers: dict[tuple[str, int], MicroBatcher] = {}
         self._lock = threading.Lock()
 
-    def get(self, model: LoadedModel) -> Batcher:
+    def get(self, model: LoadedModel) -> MicroBatcher:
         key = (model.name, model.version)
         with self._lock:
             batcher = self._batchers.get(key)
@@ -94,16 +91,18 @@ class InferenceCore:
     """Everything the front ends serve, once per server process: the model store, the version
     policy, the batchers, the explanations and the metrics.
 
-    Every inference goes through :meth:`predict` (callers on threads: gRPC) or
-    :meth:`predict_async` (callers on the event loop: HTTP). Both take the outputs a request
+    Every inference goes through :meth:`predict`, a coroutine: both front ends serve inference from
+    an event loop (HTTP from BentoML's, gRPC from the gRPC server's). It takes the outputs a request
     wants: the classification outputs (``probabilities``, ``top_class``) are computed by the
-    version's batcher, together with other callers' images; any other output (feature maps) runs
-    the session directly. Either way the batch is counted in the metrics here, and nowhere else.
+    version's micro-batcher, together with other callers' images; any other output (feature maps)
+    runs the session directly, in a thread. Either way the batch is counted in the metrics here,
+    and nowhere else. A micro-batcher queues on the loop that made it, so each loop gets its own.
     """
 
     def __init__(self, store: ModelStore, *, limits: InputLimits = DEFAULT_LIMITS,
                  max_batch_size: int = 64, max_wait_ms: float = 0.0, max_queue: int | None = None,
-                 max_queue_ms: float | None = None, explanations: Explanations | None = None):
+                 max_queue_ms: float | None = None, explanations: Explanations | None = None,
+                 inline_batch_ms: float = 1.0):
         self.store = store
         # Grad-CAM and filter patterns run in a TensorFlow worker process, shared by HTTP and gRPC.
         self.explanations = explanations if explanations is not None else Explanations()
@@ -111,15 +110,14 @@ class InferenceCore:
         self.max_batch_size = max_batch_size
         # Natural batching by default (see cnnkit.serving.batching); max_wait_ms trades latency for batch size.
         self.max_wait_ms = max_wait_ms
+        # A lone request for a quick model runs in the event loop (see cnnkit.serving.batching).
+        self.inline_batch_ms = inline_batch_ms
         # Admission control (see cnnkit.serving.batching): None leaves the queues unbounded.
         self.max_queue = max_queue
         self.max_queue_ms = max_queue_ms
-        self._async_batchers = VersionBatchers(store, lambda infer, on_batch: MicroBatcher(
-            infer, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms, on_batch=on_batch,
-            max_queue=self.max_queue, max_queue_ms=self.max_queue_ms))
-        self._thread_batchers = VersionBatchers(store, lambda infer, on_batch: ThreadBatcher(
-            infer, max_batch_size=self.max_batch_size, on_batch=on_batch, max_queue=self.max_queue,
-            max_queue_ms=self.max_queue_ms))
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, VersionBatchers] = \
+            weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, store: ModelStore, settings: Settings,
@@ -128,12 +126,38 @@ class InferenceCore:
                              max_batch=settings.max_images)
         return cls(store, limits=limits, max_batch_size=settings.max_batch_size, max_wait_ms=settings.batch_wait_ms,
                    max_queue=settings.max_queue, max_queue_ms=settings.max_queue_ms,
+                   inline_batch_ms=settings.inline_batch_ms,
                    explanations=explanations if explanations is not None else Explanations.from_settings(settings))
 
+    def _make_batcher(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]],
+                      on_batch: Callable[[int], None]) -> MicroBatcher:
+        return MicroBatcher(infer, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
+                            on_batch=on_batch, max_queue=self.max_queue, max_queue_ms=self.max_queue_ms,
+                            inline_ms=self.inline_batch_ms)
+
+    def loop_batchers(self) -> VersionBatchers:
+        """The batchers of the running event loop (made on its first request)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            batchers = self._loops.get(loop)
+            if batchers is None:
+                batchers = self._loops[loop] = VersionBatchers(self.store, self._make_batcher)
+            return batchers
+
+    def close_loop_batchers(self) -> None:
+        """Stop the running event loop's batchers (a front end calls it before its loop stops)."""
+        with self._lock:
+            batchers = self._loops.pop(asyncio.get_running_loop(), None)
+        if batchers is not None:
+            batchers.close()
+
     def close(self) -> None:
-        """Stop the batchers and the explanation worker."""
-        self._async_batchers.close()
-        self._thread_batchers.close()
+        """Stop every loop's batchers and the explanation worker."""
+        with self._lock:
+            every = list(self._loops.values())
+            self._loops.clear()
+        for batchers in every:
+            batchers.close()
         self.explanations.close()
 
     def model(self, name: str, version: int | str | None = None) -> LoadedModel:
@@ -143,19 +167,15 @@ class InferenceCore:
         return model
 
     def batcher(self, model: LoadedModel) -> MicroBatcher:
-        """The model version's micro-batcher for the event loop that serves HTTP requests."""
-        return self._async_batchers.get(model)
-
-    def thread_batcher(self, model: LoadedModel) -> ThreadBatcher:
-        """The model version's batcher for callers on threads (gRPC)."""
-        return self._thread_batchers.get(model)
+        """The model version's micro-batcher on the running event loop."""
+        return self.loop_batchers().get(model)
 
     # The one predict path ----------------------------------------------------------------------
 
-    def admit(self, model: LoadedModel, *, on_loop: bool) -> None:
+    def admit(self, model: LoadedModel) -> None:
         """Refuse a classification at once (OverloadedError: 503 / RESOURCE_EXHAUSTED) when the
-        version's queue is full; the front ends call it before decoding anything."""
-        (self.batcher(model) if on_loop else self.thread_batcher(model)).admit()
+        version's queue is full; the front ends call it, from their loop, before decoding anything."""
+        self.batcher(model).admit()
 
     @staticmethod
     def _split(model: LoadedModel, outputs: Sequence[str] | None) -> tuple[list[str], bool]:
@@ -173,37 +193,26 @@ class InferenceCore:
         metrics.record_batch(model.name, len(images))
         return outputs
 
-    def predict(self, model: LoadedModel, images: np.ndarray,
-                outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The named outputs (default ``probabilities``) for a validated float32 batch, from a thread."""
-        wanted, batched = self._split(model, outputs)
-        if batched:
-            return self._classification(wanted, self.thread_batcher(model).submit(images)["probabilities"])
-        return self._run(model, images, wanted)
-
-    async def predict_async(self, model: LoadedModel, images: np.ndarray,
-                            outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The same from the event loop: batched without blocking it; other outputs in a thread."""
+    async def predict(self, model: LoadedModel, images: np.ndarray,
+                      outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The named outputs (default ``probabilities``) for a validated float32 batch: classification
+        outputs batched without blocking the loop, other outputs in a thread."""
         wanted, batched = self._split(model, outputs)
         if batched:
             return self._classification(wanted, (await self.batcher(model).submit(images))["probabilities"])
         return await asyncio.to_thread(self._run, model, images, wanted)
 
-    def classify(self, model: LoadedModel, images: np.ndarray, k: int = 5) -> Classification:
-        """Top-k classes for a validated float32 batch, from a thread."""
-        probabilities = self.predict(model, images)["probabilities"]
-        return Classification(model.name, model.version, top_k(probabilities, model.class_names, k))
-
-    async def classify_async(self, model: LoadedModel, images: np.ndarray, k: int = 5) -> Classification:
-        """Top-k classes for a validated float32 batch, from the event loop."""
-        probabilities = (await self.predict_async(model, images))["probabilities"]
+    async def classify(self, model: LoadedModel, images: np.ndarray, k: int = 5) -> Classification:
+        """Top-k classes for a validated float32 batch."""
+        probabilities = (await self.predict(model, images))["probabilities"]
         return Classification(model.name, model.version, top_k(probabilities, model.class_names, k))
 
     def feature_maps(self, model: LoadedModel, image: np.ndarray, layers: Sequence[str] | None = None,
                      ) -> dict[str, np.ndarray]:
-        """Activations (H, W, C) of the named layers (default: every convolution) for one image."""
+        """Activations (H, W, C) of the named layers (default: every convolution) for one image,
+        from a thread (the session runs directly, not through a batcher)."""
         names = model.check_layers(layers)
-        outputs = self.predict(model, image[None] if image.ndim == 3 else image[:1], names)
+        outputs = self._run(model, image[None] if image.ndim == 3 else image[:1], names)
         return {name: outputs[name][0] for name in names}
 
     @staticmethod

@@ -45,7 +45,9 @@ batch_size = prometheus_client.Histogram(
 )
 event_loop_lag_seconds = prometheus_client.Histogram(
     name="cnnkit_event_loop_lag_seconds",
-    documentation="How late the HTTP event loop ran a timer due every 100 ms: how long something blocked it.",
+    documentation="How late a serving event loop (http, grpc) ran a timer due every 100 ms: how long something "
+                  "blocked it.",
+    labelnames=["loop"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 explanations_withdrawn_total = prometheus_client.Counter(
@@ -163,16 +165,17 @@ def time_garbage_collections() -> None:
         gc.callbacks.append(callback)
 
 
-async def watch_event_loop(interval: float = 0.1) -> None:
-    """Measure, forever, how late the running event loop wakes a timer (``event_loop_lag_seconds``)
-    and log the stalls: anything that blocks the loop (parsing, decoding, a slow call) delays every
-    request it serves, and this is where it shows."""
+async def watch_event_loop(name: str = "http", interval: float = 0.1) -> None:
+    """Measure, forever, how late the running event loop (``name``: http or grpc) wakes a timer
+    (``event_loop_lag_seconds``) and log the stalls: anything that blocks the loop (parsing,
+    decoding, a slow call) delays every request it serves, and this is where it shows."""
     loop = asyncio.get_running_loop()
+    lag_seconds = event_loop_lag_seconds.labels(loop=name)
     logger = logging.getLogger("cnnkit.serving")
     while True:
         started = loop.time()
         await asyncio.sleep(interval)
         lag = max(0.0, loop.time() - started - interval)
-        event_loop_lag_seconds.observe(lag)
+        lag_seconds.observe(lag)
         if lag >= STALL_SECONDS:
-            logger.warning("the HTTP event loop was blocked for %.0f ms", lag * 1000)
+            logger.warning("the %s event loop was blocked for %.0f ms", name, lag * 1000)

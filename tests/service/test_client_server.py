@@ -211,14 +211,15 @@ def test_gradcam_upload_and_raw_http_answers(service, digit_files):
 
 def test_grpc_api_key(repository, digit_files):
     from cnnkit.serving.core import InferenceCore
-    from cnnkit.serving.grpc.server import build_server, mark_serving
+    from cnnkit.serving.grpc.server import build_server
     from cnnkit.serving.model_store import ModelStore
 
     store = ModelStore(repository)
     store.refresh()
-    server, port, health = build_server(InferenceCore(store), port=0, api_key="k3y")
+    server = build_server(InferenceCore(store), port=0, api_key="k3y")
     server.start()
-    mark_serving(health)
+    server.set_serving(True)
+    port = server.port
     try:
         with GrpcClient(f"127.0.0.1:{port}", retry=Retry(attempts=1)) as client:
             assert client.health().ready  # health checks need no key

@@ -15,16 +15,16 @@ pytestmark = pytest.mark.data
 @pytest.fixture(scope="module")
 def grpc_server(digits_repository):
     from cnnkit.serving.core import InferenceCore
-    from cnnkit.serving.grpc.server import build_server, mark_serving
+    from cnnkit.serving.grpc.server import build_server
     from cnnkit.serving.model_store import ModelStore
 
     store = ModelStore(digits_repository, threads=1)
     core = InferenceCore(store)
-    server, port, health = build_server(core, port=0)
+    server = build_server(core, port=0)
     server.start()
     store.refresh()
-    mark_serving(health)
-    yield f"127.0.0.1:{port}", store
+    server.set_serving(True)
+    yield f"127.0.0.1:{server.port}", store
     server.stop(grace=None)
     core.close()
 
@@ -232,16 +232,16 @@ def test_api_key_guards_everything_but_health(digits_repository, digits):
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     from cnnkit.serving.core import InferenceCore
-    from cnnkit.serving.grpc.server import build_server, mark_serving
+    from cnnkit.serving.grpc.server import build_server
     from cnnkit.serving.model_store import ModelStore
 
     store = ModelStore(digits_repository, threads=1)
-    server, port, health = build_server(InferenceCore(store), port=0, api_key="s3cret")
+    server = build_server(InferenceCore(store), port=0, api_key="s3cret")
     server.start()
     store.refresh()
-    mark_serving(health)
+    server.set_serving(True)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as opened:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as opened:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(opened)
             with pytest.raises(grpc.RpcError) as raised:
                 stub.Predict(predict_request(digits[0][:1]), timeout=30)
@@ -270,27 +270,39 @@ def test_api_key_guards_everything_but_health(digits_repository, digits):
 
 
 def test_concurrent_grpc_predictions_share_batches_and_get_their_own_rows(digits_repository, digits):
+    """Calls that arrive while a batch runs join the next one, on the server's event loop."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
     from cnnkit.serving.core import InferenceCore
+    from cnnkit.serving.grpc.server import build_server
     from cnnkit.serving.model_store import ModelStore
 
     store = ModelStore(digits_repository)
     store.refresh()
     model = store.get("digits")
     core = InferenceCore(store)
+    server = build_server(core, port=0, max_workers=2)  # inference does not use the thread pool
+    server.start()
     images = digits[0][:8].astype(np.float32)
     expected = model.predict(images)
+    requests = [predict_request(images[index][None]) for index in range(8)]
     try:
-        with ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(
-                lambda index: (index, core.predict(model, images[index % 8][None])["probabilities"]), range(320)))
-        stats = core.thread_batcher(model).stats
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as opened:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(opened)
+            with ThreadPoolExecutor(32) as pool:
+                answers = list(pool.map(lambda index: (index, tf.make_ndarray(
+                    stub.Predict(requests[index % 8], timeout=60).outputs["probabilities"])), range(320)))
+        stats = [batchers.get(model).stats for batchers in core._loops.values()]
     finally:
+        server.stop(grace=None)
         core.close()
     for index, probabilities in answers:
         np.testing.assert_allclose(probabilities[0], expected[index % 8], rtol=1e-5, atol=1e-6)
-    assert stats.images == 320 and stats.batches < 320  # some calls were merged
+    assert len(stats) == 1  # the gRPC server's loop
+    assert stats[0].images == 320 and stats[0].batches < 320  # calls were merged, 32 at a time at most
 
 
 @pytest.mark.parametrize("value", [
@@ -329,10 +341,10 @@ def test_a_server_on_its_own_core_answers_predict_and_classify(digits_repository
 
     store = ModelStore(digits_repository, threads=1)
     store.refresh()
-    server, port, _ = build_server(InferenceCore(store), port=0)
+    server = build_server(InferenceCore(store), port=0)
     server.start()
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as opened:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as opened:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(opened)
             response = stub.Predict(predict_request(digits[0][:4]), timeout=30)
             probabilities = tf.make_ndarray(response.outputs["probabilities"])

@@ -114,7 +114,7 @@ def test_health_metrics_and_docs(client):
     assert 'cnnkit_requests_total{endpoint="predict_json",model="digits",protocol="http",version="1"}' in text
     assert "cnnkit_inference_batch_size_bucket" in text
     # The serving event loop's lag is measured while it runs (a sample every 100 ms).
-    lag_count = re.search(r"^cnnkit_event_loop_lag_seconds_count (\S+)$", text, re.MULTILINE)
+    lag_count = re.search(r'^cnnkit_event_loop_lag_seconds_count\{loop="http"\} (\S+)$', text, re.MULTILINE)
     assert lag_count and float(lag_count.group(1)) > 0
     assert "/predict_json" in client.get("/docs.json").text
     assert "swagger" in client.get("/").text.lower()

@@ -10,13 +10,15 @@ from cnnkit.serving import metrics
 
 
 def _observed() -> tuple[float, float]:
-    samples = {sample.name: sample.value for sample in metrics.event_loop_lag_seconds.collect()[0].samples}
-    return samples["cnnkit_event_loop_lag_seconds_count"], samples["cnnkit_event_loop_lag_seconds_sum"]
+    samples = {(sample.name, sample.labels.get("loop")): sample.value
+               for sample in metrics.event_loop_lag_seconds.collect()[0].samples}
+    return (samples.get(("cnnkit_event_loop_lag_seconds_count", "test"), 0.0),
+            samples.get(("cnnkit_event_loop_lag_seconds_sum", "test"), 0.0))
 
 
 def test_a_blocked_loop_shows_as_lag_and_a_logged_stall(caplog):
     async def main() -> None:
-        watcher = asyncio.get_running_loop().create_task(metrics.watch_event_loop(interval=0.02))
+        watcher = asyncio.get_running_loop().create_task(metrics.watch_event_loop("test", interval=0.02))
         await asyncio.sleep(0.1)  # a few quiet ticks
         time.sleep(0.4)  # something blocks the loop (a parse, a decode...)
         await asyncio.sleep(0.1)
@@ -28,7 +30,7 @@ def test_a_blocked_loop_shows_as_lag_and_a_logged_stall(caplog):
     count_after, sum_after = _observed()
     assert count_after - count_before >= 4
     assert sum_after - sum_before >= 0.3  # the blocked 0.4 s, less the timer's own 20 ms
-    assert any("event loop was blocked for" in record.getMessage() for record in caplog.records)
+    assert any("test event loop was blocked for" in record.getMessage() for record in caplog.records)
 
 
 def test_garbage_collections_are_timed_by_generation():

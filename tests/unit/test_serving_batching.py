@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from cnnkit.serving.batching import MicroBatcher, ThreadBatcher
+from cnnkit.serving.batching import MicroBatcher
 
 
 def doubling(calls):
@@ -110,62 +109,6 @@ def test_batch_size_callback_and_limits():
         MicroBatcher(lambda images: {}, max_batch_size=0)
 
 
-def test_thread_batcher_runs_a_lone_call_in_the_callers_thread():
-    from cnnkit.serving.batching import ThreadBatcher
-
-    threads = []
-
-    def infer(images):
-        threads.append(threading.get_ident())
-        return {"double": images * 2}
-
-    batcher = ThreadBatcher(infer, max_batch_size=4)
-    result = batcher.submit(np.ones((1, 3), np.float32))
-    assert threads == [threading.get_ident()] and result["double"].tolist() == [[2, 2, 2]]
-    # A call larger than a batch runs alone.
-    assert batcher.submit(np.ones((6, 3), np.float32))["double"].shape == (6, 3)
-    assert (batcher.stats.batches, batcher.stats.images) == (2, 7)
-
-
-def test_thread_batcher_merges_concurrent_calls_and_shares_errors():
-    from concurrent.futures import ThreadPoolExecutor
-
-    from cnnkit.serving.batching import ThreadBatcher
-
-    sizes = []
-    gate = threading.Event()
-
-    def infer(images):
-        gate.wait(5)  # the first batch holds until the others have queued
-        sizes.append(len(images))
-        if (images < 0).any():
-            raise ValueError("negative pixels")
-        return {"same": images.copy()}
-
-    batcher = ThreadBatcher(infer, max_batch_size=8)
-    with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(batcher.submit, np.full((1, 2), index, np.float32)) for index in range(12)]
-        time.sleep(0.3)
-        gate.set()
-        rows = [future.result()["same"][0, 0] for future in futures]
-    assert rows == list(range(12))  # every caller gets its own row
-    assert max(sizes) > 1 and sum(sizes) == 12 and max(sizes) <= 8
-    # One bad call in a batch fails that batch's callers with the error, and the batcher goes on.
-    gate.clear()
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(batcher.submit, np.full((1, 2), value, np.float32)) for value in (1, -1, 2, 3)]
-        time.sleep(0.3)
-        gate.set()
-        outcomes = []
-        for future in futures:
-            try:
-                outcomes.append(float(future.result()["same"][0, 0]))
-            except ValueError as error:
-                outcomes.append(str(error))
-    assert "negative pixels" in outcomes
-    assert batcher.submit(np.full((1, 2), 5, np.float32))["same"][0, 0] == 5
-
-
 def test_the_core_stops_the_batchers_of_retired_versions():
     from types import SimpleNamespace
 
@@ -184,45 +127,17 @@ def test_the_core_stops_the_batchers_of_retired_versions():
         served[:] = [version(2)]  # version 1 is retired, version 2 takes over
         core.batcher(served[0])
         await asyncio.sleep(0)
-        return worker
+        return worker, list(core.loop_batchers())
 
-    worker = asyncio.run(main())
-    assert worker.cancelled() and list(core._async_batchers) == [("m", 2)]
+    worker, versions = asyncio.run(main())
+    assert worker.cancelled() and versions == [("m", 2)]
 
 
 def test_a_full_queue_refuses_at_once_and_a_stale_request_is_not_run():
     """Admission control: past max_queue waiting requests, or max_queue_ms of waiting, answer 503."""
     from cnnkit.errors import OverloadedError
 
-    gate = threading.Event()
     ran: list[int] = []
-
-    def slow(images):
-        gate.wait(10)
-        ran.append(len(images))
-        return {"out": images}
-
-    batcher = ThreadBatcher(slow, max_batch_size=4, max_queue=2, max_queue_ms=200)
-    with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(batcher.submit, np.ones((1, 1), np.float32))  # runs, held at the gate
-        time.sleep(0.3)
-        queued = [pool.submit(batcher.submit, np.full((1, 1), index, np.float32)) for index in (2, 3)]
-        time.sleep(0.3)
-        with pytest.raises(OverloadedError, match="2 requests are already waiting") as refused:
-            batcher.submit(np.ones((1, 1), np.float32))
-        assert refused.value.http_status == 503 and refused.value.grpc_code == "RESOURCE_EXHAUSTED"
-        time.sleep(0.3)  # the queued two now wait past 200 ms
-        gate.set()
-        assert first.result(10)["out"].shape == (1, 1)
-        for future in queued:
-            with pytest.raises(OverloadedError, match="waited .* ms in the queue"):
-                future.result(10)
-    assert ran == [1] and batcher.stats.refused == 3  # the stale requests never reached the model
-    assert batcher.submit(np.ones((1, 1), np.float32))["out"].shape == (1, 1)  # and it serves again
-
-
-def test_the_event_loop_batcher_refuses_the_same_way():
-    from cnnkit.errors import OverloadedError
 
     async def main():
         gate = asyncio.Event()
@@ -230,24 +145,63 @@ def test_the_event_loop_batcher_refuses_the_same_way():
 
         def slow(images):
             asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+            ran.append(len(images))
             return {"out": images}
 
-        batcher = MicroBatcher(slow, max_batch_size=1, max_queue=2, max_queue_ms=150)
-        first = asyncio.create_task(batcher.submit(np.ones((1, 1), np.float32)))
+        batcher = MicroBatcher(slow, max_batch_size=4, max_queue=2, max_queue_ms=150)
+        first = asyncio.create_task(batcher.submit(np.ones((1, 1), np.float32)))  # runs, held at the gate
         await asyncio.sleep(0.05)
-        waiting = [asyncio.create_task(batcher.submit(np.ones((1, 1), np.float32))) for _ in range(2)]
+        waiting = [asyncio.create_task(batcher.submit(np.full((1, 1), index, np.float32))) for index in (2, 3)]
         await asyncio.sleep(0.05)
-        with pytest.raises(OverloadedError, match="already waiting"):
+        with pytest.raises(OverloadedError, match="2 requests are already waiting") as refused:
             await batcher.submit(np.ones((1, 1), np.float32))
-        await asyncio.sleep(0.2)
+        assert refused.value.http_status == 503 and refused.value.grpc_code == "RESOURCE_EXHAUSTED"
+        await asyncio.sleep(0.2)  # the queued two now wait past 150 ms
         gate.set()
         assert (await first)["out"].shape == (1, 1)
         outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        again = await batcher.submit(np.ones((1, 1), np.float32))  # and it serves again
         batcher.close()
-        return outcomes
+        return outcomes, again, batcher.stats.refused
 
-    outcomes = asyncio.run(main())
-    assert all(isinstance(outcome, OverloadedError) for outcome in outcomes)
+    outcomes, again, refused = asyncio.run(main())
+    assert all(isinstance(outcome, OverloadedError) and "waited" in str(outcome) for outcome in outcomes)
+    assert ran == [1, 1] and refused == 3  # the stale requests never reached the model
+    assert again["out"].shape == (1, 1)
+
+
+def test_each_event_loop_gets_its_own_batchers_and_they_close_from_any_thread():
+    """HTTP and gRPC serve from two loops: a batcher queues on the loop that made it, so each loop
+    has its own, and closing the core (from neither loop) stops the workers on both."""
+    from types import SimpleNamespace
+
+    from cnnkit.serving.core import InferenceCore
+
+    model = SimpleNamespace(name="m", version=1, run=lambda images, outputs: {"probabilities": images * 2})
+    core = InferenceCore(SimpleNamespace(served_versions=lambda: {("m", 1)}))
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    threads = [threading.Thread(target=loop.run_forever, daemon=True) for loop in loops]
+    for thread in threads:
+        thread.start()
+
+    async def predict_on_this_loop():
+        answer = await core.predict(model, np.ones((1, 2), np.float32))
+        return core.batcher(model), answer["probabilities"]
+
+    try:
+        made = [asyncio.run_coroutine_threadsafe(predict_on_this_loop(), loop).result(10) for loop in loops]
+        (first, first_answer), (second, second_answer) = made
+        assert first is not second and first._worker.get_loop() is loops[0] and second._worker.get_loop() is loops[1]
+        assert first_answer.tolist() == second_answer.tolist() == [[2.0, 2.0]]
+        workers = [first._worker, second._worker]
+        core.close()  # from the main thread
+        time.sleep(0.2)
+        assert all(worker.cancelled() for worker in workers)
+    finally:
+        for loop, thread in zip(loops, threads, strict=True):
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
 
 
 def test_an_overloaded_answer_says_when_to_come_back():
@@ -275,15 +229,87 @@ def test_the_core_admits_before_decoding_while_the_queue_has_room():
 
     model = SimpleNamespace(name="m", version=1, run=held)
     core = InferenceCore(SimpleNamespace(served_versions=lambda: {("m", 1)}), max_queue=1, max_queue_ms=5000)
-    core.admit(model, on_loop=False)  # nothing waits yet
-    with ThreadPoolExecutor(4) as pool:
-        running = pool.submit(core.predict, model, np.ones((1, 2), np.float32))
-        time.sleep(0.3)
-        waiting = pool.submit(core.predict, model, np.ones((1, 2), np.float32))
-        time.sleep(0.3)
+
+    async def main():
+        core.admit(model)  # nothing waits yet
+        running = asyncio.create_task(core.predict(model, np.ones((1, 2), np.float32)))
+        await asyncio.sleep(0.2)
+        waiting = asyncio.create_task(core.predict(model, np.ones((1, 2), np.float32)))
+        await asyncio.sleep(0.2)
         with pytest.raises(OverloadedError):
-            core.admit(model, on_loop=False)
+            core.admit(model)
         gate.set()
-        assert running.result(10)["probabilities"].shape == (1, 2) and waiting.result(10)
-    core.admit(model, on_loop=False)
+        assert (await running)["probabilities"].shape == (1, 2) and await waiting
+        core.admit(model)
+        core.close_loop_batchers()
+
+    asyncio.run(main())
     core.close()
+
+
+def test_a_lone_request_for_a_quick_model_runs_in_the_event_loop():
+    """Once the model is timed as quick, a request that finds nothing running or queued runs in the
+    loop's own thread; a slow model, or inline_ms=0, always runs in a thread."""
+
+    def recorder(seconds: float):
+        threads: list[int] = []
+
+        def infer(images):
+            threads.append(threading.get_ident())
+            time.sleep(seconds)
+            return {"out": images}
+
+        return threads, infer
+
+    async def lone_requests(batcher: MicroBatcher) -> int:
+        for _ in range(3):
+            await batcher.submit(np.ones((1, 2), np.float32))
+        batcher.close()
+        return threading.get_ident()
+
+    quick_threads, quick = recorder(0.0)
+    quick_batcher = MicroBatcher(quick)
+    loop_thread = asyncio.run(lone_requests(quick_batcher))
+    # The first batch (not yet timed) ran in a thread, the next two in the loop.
+    assert quick_threads[0] != loop_thread and quick_threads[1:] == [loop_thread, loop_thread]
+    assert quick_batcher.inline_batches == 2 and quick_batcher.stats.batches == 3
+
+    slow_threads, slow = recorder(0.005)  # 5 ms a batch, over the 1 ms default
+    loop_thread = asyncio.run(lone_requests(MicroBatcher(slow)))
+    assert len(slow_threads) == 3 and loop_thread not in slow_threads
+    never_threads, never = recorder(0.0)
+    never_batcher = MicroBatcher(never, inline_ms=0)
+    loop_thread = asyncio.run(lone_requests(never_batcher))
+    assert loop_thread not in never_threads and never_batcher.inline_batches == 0
+
+
+def test_requests_arriving_while_a_batch_runs_still_form_the_next_batch():
+    """The quick path is for lone requests only: with a batch in a thread, callers queue and merge."""
+    sizes: list[int] = []
+
+    async def main():
+        gate = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def infer(images):
+            if sizes:  # after the first (timing) batch, hold each batch until the gate opens
+                asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+            sizes.append(len(images))
+            return {"out": images}
+
+        batcher = MicroBatcher(infer, inline_ms=0)  # every batch in a thread, so one can be held
+        await batcher.submit(np.ones((1, 1), np.float32))
+        held = asyncio.create_task(batcher.submit(np.ones((1, 1), np.float32)))  # runs in a thread, held
+        await asyncio.sleep(0.05)
+        batcher.inline_seconds = 1.0  # now any batch would be quick enough to run inline, were it alone
+        followers = [asyncio.create_task(batcher.submit(np.full((1, 1), index, np.float32))) for index in range(5)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await held
+        rows = [float((await follower)["out"][0, 0]) for follower in followers]
+        batcher.close()
+        return rows, batcher.inline_batches
+
+    rows, inline = asyncio.run(main())
+    assert rows == [0.0, 1.0, 2.0, 3.0, 4.0] and inline == 0
+    assert sizes[-1] == 5  # the five that arrived while a batch ran formed one batch

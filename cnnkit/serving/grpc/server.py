@@ -10,18 +10,29 @@ signatures answer with TF Serving's status codes and messages.
 The messages are the SDK's wire-compatible copies of TF Serving's protos
 (``cnnkit_client.protos.tfs``: the same package names, so the same method paths and type URLs),
 so the serving process needs neither ``tensorflow-serving-api`` nor TensorFlow.
+
+The server is a ``grpc.aio`` server on an event loop of its own, in a thread of its own
+(:class:`GrpcServer`). The inference methods (Predict, Classify, ModelInfer) are coroutines on
+that loop: a call is decoded there (large inputs in a thread) and queued for its model version's
+micro-batcher, so however many calls arrive while a batch runs, they form the next batch, without
+a thread per call. The other methods (metadata, status, explanations) are plain functions that
+grpc.aio runs in a pool of ``max_workers`` threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import contextvars
+import functools
 import json
 import logging
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
 from concurrent import futures
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -33,10 +44,11 @@ from cnnkit.serving.auth import key_matches, presented_key
 from cnnkit.serving.callers import CallerWatch, watching
 from cnnkit.serving.core import InferenceCore
 from cnnkit.serving.grpc import v2
-from cnnkit.serving.grpc.calls import DecodeErrorInterceptor, abort, rpc
+from cnnkit.serving.grpc.calls import DecodeErrorInterceptor, abort_async, rpc
 from cnnkit.serving.inputs import check_batch, check_count, decode_base64, decode_image, decode_images
 from cnnkit.serving.logs import identify_call
 from cnnkit.serving.model_store import LoadedModel
+from cnnkit.serving.offload import off_loop_if_large
 from cnnkit.serving.requests import (
     EmptyRequest,
     FeatureMapsJsonRequest,
@@ -57,6 +69,7 @@ from cnnkit_client.protos.tfs import (
 from cnnkit_client.tensors import to_ndarray, to_tensor_proto
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # feature maps of a batch exceed gRPC's 4 MB default
 EXTENSION_SERVICE = "cnnkit.v1.Extensions"
@@ -153,7 +166,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return self.core.model(model_spec.name, _version_of(model_spec))
 
     @_rpc("Predict")
-    def Predict(self, request, context):  # noqa: N802 - gRPC method name
+    async def Predict(self, request, context):  # noqa: N802 - gRPC method name
         model = self._model(request.model_spec)
         signature = request.model_spec.signature_name or PREDICT_SIGNATURE
         available = model.signature_outputs(signature)
@@ -170,9 +183,17 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"expected to be in the set {{{','.join(available)}}}."
             )
         if set(wanted) <= set(PREDICT_OUTPUTS):
-            self.core.admit(model, on_loop=False)
-        images = images_from_tensor(request.inputs["image"], model, self.core.limits)
-        results = self.core.predict(model, images, wanted)
+            self.core.admit(model)
+        tensor = request.inputs["image"]
+        images = await off_loop_if_large(tensor.ByteSize(), images_from_tensor, tensor, model, self.core.limits)
+        results = await self.core.predict(model, images, wanted)
+        # Feature maps of a batch can be tens of megabytes: copied into the message in a thread.
+        return await off_loop_if_large(sum(value.nbytes for value in results.values()), self._predict_response,
+                                       model, signature, wanted, results)
+
+    @staticmethod
+    def _predict_response(model: LoadedModel, signature: str, wanted: list[str],
+                          results: dict[str, np.ndarray]) -> predict_pb2.PredictResponse:
         response = predict_pb2.PredictResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = model.version
@@ -182,15 +203,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     @_rpc("Classify")
-    def Classify(self, request, context):  # noqa: N802
+    async def Classify(self, request, context):  # noqa: N802
         model = self._model(request.model_spec)
         examples = list(request.input.example_list.examples)
         if request.input.HasField("example_list_with_context"):
             examples = list(request.input.example_list_with_context.examples)
         check_count(len(examples), self.core.limits)
-        self.core.admit(model, on_loop=False)
-        images = np.stack([self._example_image(example, model) for example in examples])
-        probabilities = self.core.predict(model, images)["probabilities"]
+        self.core.admit(model)
+        images = await off_loop_if_large(request.ByteSize(), self._example_images, examples, model)
+        probabilities = (await self.core.predict(model, images))["probabilities"]
         response = classification_pb2.ClassificationResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = model.version
@@ -202,6 +223,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 entry.label = model.class_names[index]
                 entry.score = float(row[index])
         return response
+
+    def _example_images(self, examples: list, model: LoadedModel) -> np.ndarray:
+        return np.stack([self._example_image(example, model) for example in examples])
 
     def _example_image(self, example, model: LoadedModel) -> np.ndarray:
         features = example.features.feature
@@ -296,15 +320,10 @@ class Extensions:
                                 "FilterPatterns": FilterPatternsRequest}
     WATCHED = frozenset({"GradCam", "FilterPatterns"})
 
-    def __init__(self, core: InferenceCore):
+    def __init__(self, core: InferenceCore, executor: futures.Executor | None = None):
         self.core = core
-
-    @staticmethod
-    def _watched(context) -> CallerWatch:
-        """The caller of a gRPC call: it leaves when the call ends (finished, cancelled or past its deadline)."""
-        caller = CallerWatch()
-        context.add_callback(caller.leave)
-        return caller
+        # The work runs in these threads (None: the loop's default executor), never in the loop.
+        self.executor = executor
 
     def ListModels(self, request: EmptyRequest) -> dict[str, Any]:  # noqa: N802
         return {"models": self.core.describe_all()}
@@ -333,23 +352,33 @@ class Extensions:
     def handler(self) -> grpc.GenericRpcHandler:
         def method(name: str, model_type: type) -> grpc.RpcMethodHandler:
             function = getattr(self, name)
+            watched = name in self.WATCHED
 
-            def handle(request: bytes, context) -> bytes | None:
+            def work(request: bytes, observation: metrics.Observation) -> bytes:
+                try:
+                    body = json.loads(request or b"{}")
+                except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                    raise InvalidInputError(f"The request must be a JSON object: {error}") from error
+                if isinstance(body, dict) and isinstance(body.get("model"), str):
+                    observation.model = body["model"]
+                return json.dumps(function(parse(model_type, body))).encode()
+
+            async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
                 identify_call(context)
                 try:
                     with metrics.observe("grpc", name) as observation:
-                        try:
-                            body = json.loads(request or b"{}")
-                        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                            raise InvalidInputError(f"The request must be a JSON object: {error}") from error
-                        if isinstance(body, dict) and isinstance(body.get("model"), str):
-                            observation.model = body["model"]
-                        # Explanations: a call the client cancels (or whose deadline passes)
-                        # withdraws its job from the worker.
-                        with watching(self._watched(context)) if name in self.WATCHED else contextlib.nullcontext():
-                            return json.dumps(function(parse(model_type, body))).encode()
+                        # Explanations: a call the client cancels (or whose deadline passes) is
+                        # cancelled here, and its caller leaves, which withdraws its job from the worker.
+                        caller = CallerWatch()
+                        with watching(caller) if watched else contextlib.nullcontext():
+                            run = functools.partial(contextvars.copy_context().run, work, request, observation)
+                            try:
+                                return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+                            except asyncio.CancelledError:
+                                caller.leave()
+                                raise
                 except ServingError as error:
-                    abort(context, error)
+                    await abort_async(context, error)
 
             return grpc.unary_unary_rpc_method_handler(handle)
 
@@ -361,79 +390,144 @@ class Extensions:
 OPEN_V2_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
 
 
-class ApiKeyInterceptor(grpc.ServerInterceptor):
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call but health checks without the API key (``x-api-key`` or Bearer)."""
 
     def __init__(self, api_key: str):
         self.api_key = api_key
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "Missing or wrong API key (metadata x-api-key).")
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Missing or wrong API key (metadata x-api-key).")
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
-    def intercept_service(self, continuation: Callable, handler_call_details) -> Any:
+    async def intercept_service(self, continuation: Callable, handler_call_details) -> Any:
         if handler_call_details.method.startswith("/grpc.health.v1.Health/") or \
                 handler_call_details.method in OPEN_V2_METHODS:
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         metadata = [(key, value.decode("latin-1") if isinstance(value, bytes) else value)
                     for key, value in handler_call_details.invocation_metadata or ()]
         if key_matches(presented_key(metadata), self.api_key):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         return self._deny
+
+
+class GrpcServer:
+    """The service's gRPC server: a ``grpc.aio`` server on an event loop of its own, in a thread of
+    its own, so it shares nothing with the HTTP server's loop but the inference core.
+
+    Made ready (bound, health NOT_SERVING) by :func:`build_server`; :meth:`start` it, say when it is
+    ready with :meth:`set_serving` (the service does on every repository refresh), :meth:`stop` it.
+    ``port`` is the bound port.
+    """
+
+    def __init__(self, core: InferenceCore, *, host: str, port: int, api_key: str | None, max_workers: int,
+                 reuse_port: bool):
+        self.core = core
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cnnkit-grpc-loop", daemon=True)
+        self._thread.start()
+        # Plain (non-coroutine) handlers run here: metadata, status, explanations.
+        self._pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cnnkit-grpc")
+        self._lag_watch: asyncio.Task | None = None
+        try:
+            self._server, self.port, self._health = self._on_loop(self._build(host, port, api_key, reuse_port))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 60) -> T:
+        """Run ``coroutine`` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    async def _build(self, host: str, port: int, api_key: str | None, reuse_port: bool) -> tuple[Any, int, Any]:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        server = grpc.aio.server(
+            migration_thread_pool=self._pool,
+            # The key is checked before the request is decoded; undecodable requests are refused clearly.
+            interceptors=[*([ApiKeyInterceptor(api_key)] if api_key else []), DecodeErrorInterceptor()],
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ],
+        )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(self.core), server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(self.core), server)
+        v2.add_to_server(self.core, server)  # the Open Inference Protocol beside TF Serving's API
+        server.add_generic_rpc_handlers(tuple(
+            grpc.method_handlers_generic_handler(service, {name: _unimplemented(message)
+                                                           for name, message in methods.items()})
+            for service, methods in UNIMPLEMENTED.items()
+        ) + (Extensions(self.core, self._pool).handler(),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for service in HEALTH_SERVICE_NAMES:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"Cannot listen for gRPC on {host}:{port} (port in use?).")
+        return server, bound, health_servicer
+
+    def start(self) -> None:
+        async def start() -> None:
+            await self._server.start()
+            self._lag_watch = asyncio.get_running_loop().create_task(metrics.watch_event_loop("grpc"))
+
+        self._on_loop(start())
+
+    def set_serving(self, serving: bool, *, wait: bool = True) -> None:
+        """Health answers SERVING (or NOT_SERVING: draining before a shutdown; calls are still
+        answered) for every service. ``wait=False`` only schedules it (from a signal handler)."""
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def set_all() -> None:
+            for service in HEALTH_SERVICE_NAMES:
+                await self._health.set(service, status)
+
+        if self._loop.is_closed():
+            return
+        future = asyncio.run_coroutine_threadsafe(set_all(), self._loop)
+        if wait:
+            future.result(30)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, give those in flight ``grace`` seconds to finish (None: cancel them),
+        then stop the loop, its batchers and the thread pool."""
+        if self._loop.is_closed():
+            return
+
+        async def stop() -> None:
+            await self._server.stop(grace)
+            if self._lag_watch is not None:
+                self._lag_watch.cancel()
+            self.core.close_loop_batchers()
+
+        try:
+            self._on_loop(stop(), timeout=(grace or 0) + 30)
+        finally:
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        if not self._thread.is_alive():
+            self._loop.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def build_server(core: InferenceCore, *, host: str = "127.0.0.1", port: int = 8500,
                  api_key: str | None = None, max_workers: int = 16,
-                 reuse_port: bool = False) -> tuple[grpc.Server, int, Any]:
-    """A ready (not yet started) gRPC server on ``core``; returns (server, bound port, health).
+                 reuse_port: bool = False) -> GrpcServer:
+    """A ready (bound, not yet started) gRPC server on ``core``.
 
     With ``reuse_port`` several server processes bind the same port (SO_REUSEPORT: the kernel
     spreads connections over them, the pattern of grpcio's multiprocessing example); without it a
     port another process holds is refused, as it should be for a single server."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cnnkit-grpc"),
-        # The key is checked before the request is decoded; undecodable requests are refused clearly.
-        interceptors=[*([ApiKeyInterceptor(api_key)] if api_key else []), DecodeErrorInterceptor()],
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ],
-    )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusService(core), server)
-    v2.add_to_server(core, server)  # the Open Inference Protocol beside TF Serving's API
-    server.add_generic_rpc_handlers(tuple(
-        grpc.method_handlers_generic_handler(service, {name: _unimplemented(message)
-                                                       for name, message in methods.items()})
-        for service, methods in UNIMPLEMENTED.items()
-    ) + (Extensions(core).handler(),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in HEALTH_SERVICE_NAMES:
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"Cannot listen for gRPC on {host}:{port} (port in use?).")
-    return server, bound, health_servicer
+    return GrpcServer(core, host=host, port=port, api_key=api_key, max_workers=max_workers, reuse_port=reuse_port)
 
 
-def mark_serving(health_servicer) -> None:
-    from grpc_health.v1 import health_pb2
-
-    for service in HEALTH_SERVICE_NAMES:
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-
-
-def mark_not_serving(health_servicer) -> None:
-    """Health answers NOT_SERVING (draining before a shutdown); calls are still answered."""
-    from grpc_health.v1 import health_pb2
-
-    for service in HEALTH_SERVICE_NAMES:
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-
-__all__ = ["abort", "build_server", "mark_not_serving", "mark_serving"]
+__all__ = ["GrpcServer", "build_server"]

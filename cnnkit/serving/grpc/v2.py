@@ -22,6 +22,7 @@ from cnnkit.serving import v2
 from cnnkit.serving.core import InferenceCore
 from cnnkit.serving.grpc.calls import rpc
 from cnnkit.serving.model_store import LoadedModel
+from cnnkit.serving.offload import off_loop_if_large
 from cnnkit_client.protos.v2 import grpc_service_pb2 as pb
 from cnnkit_client.protos.v2 import grpc_service_pb2_grpc, model_config_pb2
 
@@ -135,7 +136,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=message)
 
     @_rpc("v2_infer")
-    def ModelInfer(self, request, context):  # noqa: N802
+    async def ModelInfer(self, request, context):  # noqa: N802
         model = self._model(request.model_name, request.model_version)
         wanted = v2.choose_outputs(model, [output.name for output in request.outputs])
         classification = {}
@@ -147,9 +148,18 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 if k is not None:
                     classification[output.name] = k
         if set(wanted) <= set(v2.DEFAULT_OUTPUTS):
-            self.core.admit(model, on_loop=False)
-        images = v2.images_from_input(input_tensor(request), model, self.core.limits)
-        values = self.core.predict(model, images, wanted)
+            self.core.admit(model)
+        images = await off_loop_if_large(request.ByteSize(), self._images, request, model)
+        values = await self.core.predict(model, images, wanted)
+        return await off_loop_if_large(sum(value.nbytes for value in values.values()), self._infer_response,
+                                       request, model, wanted, classification, values)
+
+    def _images(self, request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarray:
+        return v2.images_from_input(input_tensor(request), model, self.core.limits)
+
+    @staticmethod
+    def _infer_response(request: pb.ModelInferRequest, model: LoadedModel, wanted: list[str],
+                        classification: dict[str, int], values: dict[str, np.ndarray]) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
         for name in wanted:
             if name in classification:
@@ -176,6 +186,6 @@ def unserved_handler() -> grpc.GenericRpcHandler:
         SERVICE, {name: grpc.unary_unary_rpc_method_handler(refuse) for name in UNSERVED})
 
 
-def add_to_server(core: InferenceCore, server: grpc.Server) -> None:
+def add_to_server(core: InferenceCore, server: grpc.aio.Server) -> None:
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(core), server)
     server.add_generic_rpc_handlers((unserved_handler(),))

@@ -4,8 +4,6 @@
   limit, whether the client declared a ``Content-Length`` or streams it chunked.
 * :func:`loads_json` parses JSON with orjson (several times faster than the ``json`` module and
   limited to 1,024 levels of nesting), answering malformed or absurdly nested JSON with a 400.
-* :func:`off_loop_if_large` runs work on small inputs in the event loop, where handing it to a
-  thread would cost more than doing it, and on large inputs in a worker thread.
 * :func:`parse_json` parses small bodies in the loop, medium ones in a thread, and bodies over
   ``PROCESS_BYTES`` in a helper process (:mod:`cnnkit.serving.json_worker`): a parser holds the
   interpreter lock for the whole parse (half a second for 19 MB of numbers), so even in a thread
@@ -19,31 +17,20 @@ import json
 import logging
 import pickle
 import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from cnnkit.errors import InvalidInputError, PayloadTooLargeError
+from cnnkit.serving.offload import off_loop_if_large
 
 try:  # orjson is a dependency of the serving extra; the json module is the fallback.
     import orjson
 except ImportError:  # pragma: no cover - exercised only without the serving extra
     orjson = None  # type: ignore[assignment]
 
-T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-# Work on inputs up to this size runs in the event loop: parsing 32 KB of JSON or decoding a small
-# PNG takes well under a millisecond, less than a round trip through a worker thread costs under load.
-INLINE_BYTES = 32 * 1024
 # Bodies over this size are parsed in the JSON worker process.
 PROCESS_BYTES = 1024 * 1024
-
-
-async def off_loop_if_large(size: int, function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` in the event loop for inputs of up to ``INLINE_BYTES``, else in a thread."""
-    if size <= INLINE_BYTES:
-        return function(*args)
-    return await asyncio.to_thread(function, *args)
 
 
 def too_large(size: int, limit: int, *, declared: bool = False) -> PayloadTooLargeError:

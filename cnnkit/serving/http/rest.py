@@ -28,10 +28,11 @@ from cnnkit.errors import InvalidInputError, NotFoundError, ServingError
 from cnnkit.repository import TensorSpec
 from cnnkit.serving import metrics
 from cnnkit.serving.core import InferenceCore
-from cnnkit.serving.http.bodies import off_loop_if_large, parse_json, read_body
+from cnnkit.serving.http.bodies import parse_json, read_body
 from cnnkit.serving.http.errors import error_response
 from cnnkit.serving.inputs import check_batch, check_count, decode_base64, decode_image
 from cnnkit.serving.model_store import LoadedModel
+from cnnkit.serving.offload import off_loop_if_large
 
 MODEL_PATH = re.compile(r"^/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<rest>.*)$")
 
@@ -115,7 +116,7 @@ def build_tf_serving_app(get_core: Callable[[], InferenceCore]) -> Starlette:
 
 
 async def _predict(request: Request, core: InferenceCore, model: LoadedModel) -> Response:
-    core.admit(model, on_loop=True)
+    core.admit(model)
     raw = await read_body(request, core.limits.max_body_bytes)
     # Small bodies are parsed and converted in the event loop, large ones in a worker thread.
     body = await parse_json(raw)
@@ -124,7 +125,7 @@ async def _predict(request: Request, core: InferenceCore, model: LoadedModel) ->
         raise InvalidInputError("'signature_name' must be a string.")
     outputs = model.signature_outputs(signature)
     images, row_format = await off_loop_if_large(len(raw), tf_request_images, body, model, core)
-    values = await core.predict_async(model, images, outputs)
+    values = await core.predict(model, images, outputs)
     if row_format:
         rows = [{name: value[index].tolist() for name, value in values.items()} for index in range(len(images))]
         return JSONResponse({"predictions": rows})

@@ -28,7 +28,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
@@ -42,7 +42,7 @@ from cnnkit.errors import ServingError  # noqa: E402
 from cnnkit.repository import resolve_repository  # noqa: E402
 from cnnkit.serving import metrics  # noqa: E402
 from cnnkit.serving.core import InferenceCore  # noqa: E402
-from cnnkit.serving.http.bodies import JSON_WORKER, off_loop_if_large, parse_json, read_body  # noqa: E402
+from cnnkit.serving.http.bodies import JSON_WORKER, parse_json, read_body  # noqa: E402
 from cnnkit.serving.http.errors import error_response  # noqa: E402
 from cnnkit.serving.http.middleware import (  # noqa: E402
     ApiKeyMiddleware,
@@ -56,6 +56,7 @@ from cnnkit.serving.http.v2 import build_v2_app  # noqa: E402
 from cnnkit.serving.inputs import check_count, decode_base64, decode_image, decode_images, tensor_from_json  # noqa: E402
 from cnnkit.serving.logs import RequestIdMiddleware, configure_logging  # noqa: E402
 from cnnkit.serving.model_store import ModelStore, RepositoryPoller  # noqa: E402
+from cnnkit.serving.offload import off_loop_if_large  # noqa: E402
 from cnnkit.serving.requests import (  # noqa: E402
     EmptyRequest,
     FeatureMapsJsonRequest,
@@ -68,6 +69,9 @@ from cnnkit.serving.requests import (  # noqa: E402
     parse,
 )
 from cnnkit.settings import Settings, service_settings  # noqa: E402
+
+if TYPE_CHECKING:
+    from cnnkit.serving.grpc.server import GrpcServer
 
 logger = logging.getLogger("cnnkit.serving")
 
@@ -270,21 +274,20 @@ class Classifier:
         if not self.store.names():
             logger.warning("no models in %s: export one with `cnnkit export RUN_DIR`", repository)
         self.draining = False
-        self._health: Any = None
+        self.grpc_server: GrpcServer | None = None  # (made below: the poller may ask it for health first)
         self._grpc_serving: bool | None = None
         self.poller = RepositoryPoller(self.store, settings.poll_seconds, on_refresh=self._sync_grpc_health).start()
         self._drain_on_sigterm()
-        self.grpc_server = None
         if settings.grpc_port >= 0:
             from cnnkit.serving.grpc.server import build_server
 
-            self.grpc_server, bound, self._health = build_server(
+            self.grpc_server = build_server(
                 self.core, host=settings.host, port=settings.grpc_port, api_key=settings.api_key,
                 max_workers=settings.grpc_threads, reuse_port=settings.workers > 1,
             )
             self.grpc_server.start()
             self._sync_grpc_health()
-            logger.info("gRPC (TF Serving's API) listening on %s:%d", settings.host, bound)
+            logger.info("gRPC (TF Serving's API) listening on %s:%d", settings.host, self.grpc_server.port)
         for model in self.store.all_models():
             logger.info("serving %s version %d with %s", model.name, model.version, ", ".join(model.providers))
 
@@ -294,14 +297,12 @@ class Classifier:
     def _sync_grpc_health(self) -> None:
         """One readiness for both protocols: gRPC health says SERVING exactly when /readyz says 200
         (a model is served, the service is not draining); updated after every repository refresh."""
-        if self._health is None:
+        if self.grpc_server is None:
             return
         ready = self.__is_ready__()
         if ready == self._grpc_serving:
             return
-        from cnnkit.serving.grpc.server import mark_not_serving, mark_serving
-
-        (mark_serving if ready else mark_not_serving)(self._health)
+        self.grpc_server.set_serving(ready)
         self._grpc_serving = ready
 
     def _drain_on_sigterm(self) -> None:
@@ -324,10 +325,8 @@ class Classifier:
             self.draining = True
             logger.info("SIGTERM: draining (readiness 503) for %.1f s, then finishing requests in progress",
                         self.settings.drain_seconds)
-            if self._health is not None:
-                from cnnkit.serving.grpc.server import mark_not_serving
-
-                mark_not_serving(self._health)
+            if self.grpc_server is not None:
+                self.grpc_server.set_serving(False, wait=False)  # (in a signal handler: not waiting)
             timer = threading.Timer(self.settings.drain_seconds, stop_server, args=(signum, frame))
             timer.daemon = True
             timer.start()
@@ -338,7 +337,7 @@ class Classifier:
     async def watch_event_loop(self) -> None:
         """Measure the serving event loop's lag (metric cnnkit_event_loop_lag_seconds) while it runs,
         and take what start-up built out of the garbage collector's way (see quiet_garbage_collector)."""
-        self._loop_watch = asyncio.get_running_loop().create_task(metrics.watch_event_loop())
+        self._loop_watch = asyncio.get_running_loop().create_task(metrics.watch_event_loop("http"))
         quiet_garbage_collector()
 
     @bentoml.on_shutdown
@@ -346,7 +345,7 @@ class Classifier:
         self.poller.stop()
         if self.grpc_server is not None:
             # In-flight calls finish; new ones are refused.
-            self.grpc_server.stop(grace=self.settings.drain_timeout).wait(self.settings.drain_timeout + 1)
+            self.grpc_server.stop(grace=self.settings.drain_timeout)
         self.core.close()
         JSON_WORKER.close()
         logger.info("stopped")
@@ -357,12 +356,12 @@ class Classifier:
         """Classify one uploaded image file (multipart): the top-k classes with probabilities."""
         request = parse(PredictRequest, _given(fields))
         served = self.core.model(request.model, request.version)
-        self.core.admit(served, on_loop=True)
+        self.core.admit(served)
         # Large files are decoded in a worker thread (Pillow releases the GIL): in the event
         # loop they would be decoded one concurrent request after the other.
         data = Path(fields["image"]).read_bytes()
         pixels = await off_loop_if_large(len(data), decode_image, data, served.input_shape, self.core.limits)
-        result = await self.core.classify_async(served, pixels[None].astype("float32"), request.top_k)
+        result = await self.core.classify(served, pixels[None].astype("float32"), request.top_k)
         return result.to_dict()
 
     @bentoml.api(route="/predict_json", input_spec=input_spec(PredictJsonRequest))
@@ -371,7 +370,7 @@ class Classifier:
         """Classify base64-encoded image files (``images``) or a pixel tensor batch (``instances``)."""
         request = parse(PredictJsonRequest, _given(fields))
         served = self.core.model(request.model, request.version)
-        self.core.admit(served, on_loop=True)
+        self.core.admit(served)
         if request.images is not None:
             check_count(len(request.images), self.core.limits)  # before decoding any base64
             files = [decode_base64(text) for text in request.images]
@@ -383,7 +382,7 @@ class Classifier:
             per_image = math.prod(served.input_shape)
             values = pixels.size if isinstance(pixels, np.ndarray) else len(pixels or []) * per_image
             batch = await off_loop_if_large(values, tensor_from_json, pixels, served.input_shape, self.core.limits)
-        return (await self.core.classify_async(served, batch, request.top_k)).to_dict()
+        return (await self.core.classify(served, batch, request.top_k)).to_dict()
 
     @bentoml.api(route="/feature_maps", input_spec=input_spec(FeatureMapsRequest, image=Path))
     @route("feature_maps")

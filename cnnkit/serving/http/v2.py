@@ -29,9 +29,10 @@ from starlette.routing import Route
 from cnnkit.errors import InvalidInputError, ServingError, UnavailableError
 from cnnkit.serving import metrics, v2
 from cnnkit.serving.core import InferenceCore
-from cnnkit.serving.http.bodies import PROCESS_BYTES, loads_json, off_loop_if_large, parse_json, read_body
+from cnnkit.serving.http.bodies import PROCESS_BYTES, loads_json, parse_json, read_body
 from cnnkit.serving.http.errors import error_response
 from cnnkit.serving.model_store import LoadedModel
+from cnnkit.serving.offload import off_loop_if_large
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -219,10 +220,10 @@ def build_v2_app(get_core: Callable[[], InferenceCore]) -> Starlette:
         requested = requested_outputs(body)
         wanted = v2.choose_outputs(model, requested.names)
         if set(wanted) <= set(v2.DEFAULT_OUTPUTS):
-            core.admit(model, on_loop=True)
+            core.admit(model)
         tensor = v2.single_input(decode_inputs(body, binary))
         images = await off_loop_if_large(len(body_bytes), v2.images_from_input, tensor, model, core.limits)
-        values = await core.predict_async(model, images, wanted)
+        values = await core.predict(model, images, wanted)
         return infer_response(model, body.get("id"), values, requested)
 
     routes = [
