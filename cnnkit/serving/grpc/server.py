@@ -15,8 +15,9 @@ The server is a ``grpc.aio`` server on an event loop of its own, in a thread of 
 (:class:`GrpcServer`). The inference methods (Predict, Classify, ModelInfer) are coroutines on
 that loop: a call is decoded there (large inputs in a thread) and queued for its model version's
 micro-batcher, so however many calls arrive while a batch runs, they form the next batch, without
-a thread per call. The other methods (metadata, status, explanations) are plain functions that
-grpc.aio runs in a pool of ``max_workers`` threads.
+a thread per call. Metadata and status are plain functions that grpc.aio runs in a pool of
+``max_workers`` threads; the JSON extensions (explanations among them) are coroutines that run
+their work in the same pool.
 """
 
 from __future__ import annotations
@@ -427,7 +428,7 @@ class GrpcServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cnnkit-grpc-loop", daemon=True)
         self._thread.start()
-        # Plain (non-coroutine) handlers run here: metadata, status, explanations.
+        # Plain (non-coroutine) handlers run here (metadata, status), and the extensions' work.
         self._pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cnnkit-grpc")
         self._lag_watch: asyncio.Task | None = None
         try:
