@@ -86,6 +86,10 @@ class RecipeConfig:
     # The course's fast path for a frozen base: run the base once over the images (features cached
     # on disk), then train only the layers after it on those features (cnnkit.training.features).
     feature_cache: bool = False
+    # With feature_cache and augmentation: the frozen base runs once over this many augmented views
+    # of every training image (cached too); each epoch trains the head on one view of each image,
+    # drawn at random, instead of running the base over freshly augmented images every epoch.
+    feature_views: int = 0
     # Start from the weights of another run (its run directory or a .keras file) instead of the
     # model's own initialisation; the architectures must match. With ``epochs: 0`` and a
     # ``fine_tune`` section, a run goes straight to fine-tuning a frozen-base run's model.
@@ -128,9 +132,16 @@ class RecipeConfig:
             raise ConfigError("early_stopping_patience must be 0 (off) or positive.")
         if self.steps_per_execution < 1:
             raise ConfigError("steps_per_execution must be at least 1.")
-        if self.feature_cache and (self.augmentation.enabled or self.fine_tune is not None):
-            raise ConfigError("feature_cache trains on features computed once, so it cannot be combined with "
-                              "augmentation or fine_tune (each changes what the frozen base sees or computes).")
+        if self.feature_cache and self.fine_tune is not None:
+            raise ConfigError("feature_cache trains on features of a frozen base computed once, so it cannot be "
+                              "combined with fine_tune (which unfreezes part of the base).")
+        if self.feature_views < 0:
+            raise ConfigError(f"feature_views must be 0 (off) or positive, got {self.feature_views}.")
+        if self.feature_cache and self.augmentation.enabled and self.feature_views < 1:
+            raise ConfigError("feature_cache with augmentation needs feature_views (at least 1): how many augmented "
+                              "views of each training image the frozen base computes once.")
+        if self.feature_views and not (self.feature_cache and self.augmentation.enabled):
+            raise ConfigError("feature_views needs feature_cache: true and an augmentation section.")
         if self.fine_tune is not None:
             if self.fine_tune.optimizer not in OPTIMIZERS:
                 raise ConfigError(f"fine_tune.optimizer must be one of {', '.join(OPTIMIZERS)}.")

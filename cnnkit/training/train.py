@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import shutil
@@ -52,12 +55,19 @@ def configure_devices():
     return tf.distribute.OneDeviceStrategy("/gpu:0")
 
 
-def build_augmentation(config: RecipeConfig) -> keras.Sequential | None:
-    """Keras preprocessing layers for the recipe's augmentation, applied to training batches only."""
+def augmentation_tag(config: RecipeConfig) -> str:
+    """A short digest of the augmentation settings and seed, naming cached augmented features."""
+    settings = json.dumps([dataclasses.asdict(config.augmentation), config.seed], sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:12]
+
+
+def build_augmentation(config: RecipeConfig, seed: int | None = None) -> keras.Sequential | None:
+    """Keras preprocessing layers for the recipe's augmentation, applied to training batches only
+    (their random draws start from ``seed``, default the recipe's)."""
     settings = config.augmentation
     if not settings.enabled:
         return None
-    seed = config.seed
+    seed = config.seed if seed is None else seed
     steps: list[keras.layers.Layer] = []
     if settings.horizontal_flip:
         steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
@@ -415,7 +425,10 @@ def train(
         with strategy.scope():
             fitted, train_data, val_data = feature_data(
                 model, dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, config.batch_size,
-                load_settings().resolved_cache_dir, config.seed)
+                load_settings().resolved_cache_dir, config.seed, views=config.feature_views,
+                # Each augmented view draws its own transformations (a seed of its own).
+                augmentation_for_view=lambda view: build_augmentation(config, seed=config.seed + 7919 * (view + 1)),
+                tag=augmentation_tag(config))
             compile_for_recipe(fitted, config, steps_per_epoch)
         checkpoint.saved_model = model
     callbacks = [

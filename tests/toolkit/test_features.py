@@ -16,12 +16,63 @@ WEIGHTS = (Path(__file__).resolve().parents[3] / "shared" / "weights"
            / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
 
 
-def test_feature_cache_refuses_augmentation_and_fine_tuning():
+def test_feature_cache_refuses_fine_tuning_and_needs_views_for_augmentation():
     base = {"name": "x", "dataset": "cats_and_dogs", "model": "vgg16_transfer", "feature_cache": True}
-    with pytest.raises(ConfigError, match="cannot be combined with augmentation or fine_tune"):
+    with pytest.raises(ConfigError, match="needs feature_views"):
         config_from_dict({**base, "augmentation": {"horizontal_flip": True}})
-    with pytest.raises(ConfigError, match="cannot be combined"):
+    with pytest.raises(ConfigError, match="cannot be combined with fine_tune"):
         config_from_dict({**base, "fine_tune": {"from_layer": "block5_conv1", "epochs": 1}})
+    with pytest.raises(ConfigError, match="feature_views needs feature_cache"):
+        config_from_dict({**base, "feature_cache": False, "feature_views": 4, "augmentation": {"zoom": 0.1}})
+    with pytest.raises(ConfigError, match="feature_views must be 0"):
+        config_from_dict({**base, "feature_views": -1})
+    recipe = config_from_dict({**base, "feature_views": 4, "augmentation": {"zoom": 0.1}})
+    assert recipe.feature_views == 4
+
+
+def test_augmented_views_are_computed_once_each_and_epochs_draw_among_them(tmp_path, capsys):
+    """Each view is its own augmentation of every image, cached on its own (an interrupted run
+    resumes at the next view); the training data gives each image one of its views."""
+    import keras
+
+    from cnnkit.training.features import augmented_base_features, feature_data, split_at_frozen_base
+    from cnnkit.training.models import create_model
+
+    keras.utils.set_random_seed(0)
+    model = create_model("vgg16_transfer", input_shape=(32, 32, 3), weights="none", dense_units=8)
+    base, _ = split_at_frozen_base(model)
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
+    labels = np.arange(6, dtype=np.int64) % 2
+    made: list[int] = []
+
+    def augmentation_for_view(view):
+        made.append(view)
+        return keras.Sequential([keras.layers.RandomTranslation(0.2, 0.2, seed=100 + view)])
+
+    views = augmented_base_features(base, images, augmentation_for_view, 3, tmp_path, tag="t1")
+    plain = np.asarray(base(images.astype(np.float32), training=False))
+    assert views.shape == (3, *plain.shape) and made == [0, 1, 2]
+    assert not np.allclose(views[0], views[1]) and not np.allclose(views[0], plain)  # augmented, differently
+    (tmp_path / "features" / next(name for name in sorted(p.name for p in (tmp_path / "features").iterdir())
+                                  if "view2of3" in name)).unlink()  # as if stopped during view 2
+    again = augmented_base_features(base, images, augmentation_for_view, 3, tmp_path, tag="t1")
+    assert made == [0, 1, 2, 1] and "2 of 3 augmented views from the cache" in capsys.readouterr().err
+    np.testing.assert_array_equal(again[0], views[0])
+    augmented_base_features(base, images, augmentation_for_view, 3, tmp_path, tag="t2")  # other settings
+    assert made[-3:] == [0, 1, 2]
+
+    head, train, _ = feature_data(model, images, labels, images[:2], labels[:2], 6, tmp_path, seed=1,
+                                  augmentation_for_view=augmentation_for_view, views=3, tag="t1")
+    rows = [features for epoch in range(4) for features, _ in train]
+    drawn = set()
+    for batch in rows:
+        # Every row is one of the three cached views of some image.
+        candidates = views.reshape(18, -1)
+        distances = np.abs(candidates[None] - np.asarray(batch).reshape(len(batch), 1, -1)).max(axis=2)
+        assert (distances.min(axis=1) < 1e-6).all()
+        drawn.update(int(row) // 6 for row in distances.argmin(axis=1))
+    assert len(drawn) >= 2  # the epochs do not all use the same view
+    assert head.layers[-1] is model.layers[-1]
 
 
 def test_the_base_runs_once_and_the_head_shares_the_models_layers(tmp_path, capsys):
@@ -39,6 +90,27 @@ def test_the_base_runs_once_and_the_head_shares_the_models_layers(tmp_path, caps
     np.testing.assert_allclose(head(first), model(images.astype(np.float32)), rtol=1e-5, atol=1e-6)
     base_features(base, images[:4], tmp_path)  # other images: another entry
     assert len(list((tmp_path / "features").iterdir())) == 2
+
+
+@pytest.mark.data
+def test_a_run_with_augmented_feature_views_trains_the_whole_model(tmp_path, data_root, monkeypatch):
+    """feature_cache + augmentation + feature_views: the views are computed once, the head trains on
+    them, and the run holds the whole model, evaluated on images as usual."""
+    from cnnkit.training.train import train
+
+    monkeypatch.setenv("CNNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = config_from_dict({
+        "name": "tiny_vgg16_views", "dataset": "cats_and_dogs", "model": "vgg16_transfer",
+        "model_args": {"num_classes": 1, "weights": "none", "dense_units": 8}, "image_size": [32, 32],
+        "validation_size": 10, "train_limit": 30, "test_limit": 20, "epochs": 2, "batch_size": 10,
+        "feature_cache": True, "feature_views": 2, "augmentation": {"horizontal_flip": True, "zoom": 0.1},
+    })
+    run_dir = Path(train(recipe, run_dir=tmp_path / "run", data_dir=data_root, verbose=0))
+    cached = sorted(path.name for path in (tmp_path / "cache" / "features").iterdir())
+    assert len(cached) == 3 and sum("view" in name for name in cached) == 2  # two views, one validation set
+    assert len((run_dir / "history.csv").read_text().strip().splitlines()) == 3  # header and two epochs
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and (run_dir / "model.keras").is_file()
 
 
 @pytest.mark.data
