@@ -90,6 +90,10 @@ class RecipeConfig:
     # of every training image (cached too); each epoch trains the head on one view of each image,
     # drawn at random, instead of running the base over freshly augmented images every epoch.
     feature_views: int = 0
+    # With feature_cache: the first layer that runs every epoch; the (frozen) layers before it run
+    # once. Default: the fine_tune section's from_layer, else the first layer with trainable weights.
+    # Two recipes that split at the same layer, with the same images and augmentation, share the cache.
+    feature_cache_from: str | None = None
     # Start from the weights of another run (its run directory or a .keras file) instead of the
     # model's own initialisation; the architectures must match. With ``epochs: 0`` and a
     # ``fine_tune`` section, a run goes straight to fine-tuning a frozen-base run's model.
@@ -132,9 +136,8 @@ class RecipeConfig:
             raise ConfigError("early_stopping_patience must be 0 (off) or positive.")
         if self.steps_per_execution < 1:
             raise ConfigError("steps_per_execution must be at least 1.")
-        if self.feature_cache and self.fine_tune is not None:
-            raise ConfigError("feature_cache trains on features of a frozen base computed once, so it cannot be "
-                              "combined with fine_tune (which unfreezes part of the base).")
+        if self.feature_cache_from is not None and not self.feature_cache:
+            raise ConfigError("feature_cache_from needs feature_cache: true.")
         if self.feature_views < 0:
             raise ConfigError(f"feature_views must be 0 (off) or positive, got {self.feature_views}.")
         if self.feature_cache and self.augmentation.enabled and self.feature_views < 1:

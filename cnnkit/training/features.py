@@ -35,11 +35,20 @@ from cnnkit.errors import ConfigError
 from cnnkit.io import atomic_write_bytes
 
 
-def split_at_frozen_base(model: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """(base, head): the base ends just before the first layer with trainable weights; the head is
-    a new model over the base's output made of the full model's own later layers (shared weights)."""
+def split_at_frozen_base(model: keras.Model, at_layer: str | None = None) -> tuple[keras.Model, keras.Model]:
+    """(base, head): the base ends just before ``at_layer`` (default: the first layer with trainable
+    weights), and every layer in it must be frozen; the head is a new model over the base's output
+    made of the full model's own later layers (shared weights, so their trainable flags too)."""
     layers = model.layers
     first = next((index for index, layer in enumerate(layers) if layer.trainable_weights), None)
+    if at_layer is not None:
+        names = [layer.name for layer in layers]
+        if at_layer not in names:
+            raise ConfigError(f"feature_cache: {model.name} has no layer {at_layer!r}.")
+        if first is not None and first < names.index(at_layer):
+            raise ConfigError(f"feature_cache: the layers before {at_layer!r} must be frozen, but "
+                              f"{layers[first].name!r} trains.")
+        first = names.index(at_layer)
     if first is None or first < 2:
         raise ConfigError(f"feature_cache needs a model whose first layers are frozen; {model.name} has none.")
     split = layers[first - 1]
@@ -108,7 +117,7 @@ def base_features(base: keras.Model, images: np.ndarray, cache_dir: Path, *, bat
 def augmented_base_features(base: keras.Model, images: np.ndarray, augmentation_for_view: Callable[[int], Any],
                             views: int, cache_dir: Path, *, tag: str, batch_size: int = 32,
                             what: str = "train") -> np.ndarray:
-    """The base's outputs for ``views`` augmented copies of ``images``: shape (views, N, ...).
+    """The base's outputs for ``views`` augmented copies of ``images``: shape (views, N, ...), float16.
 
     ``augmentation_for_view(view)`` gives the augmentation layers of one copy (seeded for that
     copy); ``tag`` names the augmentation settings in the cache key. Each copy is cached on its own."""
@@ -125,7 +134,8 @@ def augmented_base_features(base: keras.Model, images: np.ndarray, augmentation_
             if path.is_file():
                 copies.append(np.load(path))
                 continue
-            features = _run_base(base, images, batch_size, bar, augmentation_for_view(view))
+            # Half precision: the copies of a deep split are large (VGG16's block4_pool, 81 KB an image).
+            features = _run_base(base, images, batch_size, bar, augmentation_for_view(view)).astype(np.float16)
             _save(path, features)
             copies.append(features)
     if cached < views:
@@ -136,12 +146,14 @@ def augmented_base_features(base: keras.Model, images: np.ndarray, augmentation_
 
 def feature_data(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                  y_val: np.ndarray, batch_size: int, cache_dir: Path, seed: int, *,
-                 augmentation_for_view: Callable[[int], Any] | None = None, views: int = 0, tag: str = ""):
+                 augmentation_for_view: Callable[[int], Any] | None = None, views: int = 0, tag: str = "",
+                 split_at: str | None = None):
     """(head model, training dataset, validation dataset) of features instead of images; with
-    ``views`` (and ``augmentation_for_view``), each epoch draws one augmented view of each image."""
+    ``views`` (and ``augmentation_for_view``), each epoch draws one augmented view of each image.
+    ``split_at`` names the head's first layer (see :func:`split_at_frozen_base`)."""
     import tensorflow as tf
 
-    base, head = split_at_frozen_base(model)
+    base, head = split_at_frozen_base(model, split_at)
     val_features = base_features(base, x_val, cache_dir, what="validation")
     if views:
         if augmentation_for_view is None:
@@ -154,7 +166,7 @@ def feature_data(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x
         def draw(indices):
             # One view of each image in the batch, at random: the row of view v of image i is v * N + i.
             chosen = tf.random.uniform(tf.shape(indices), 0, views, dtype=tf.int64, seed=seed)
-            return tf.gather(table, chosen * count + indices), tf.gather(labels, indices)
+            return tf.cast(tf.gather(table, chosen * count + indices), tf.float32), tf.gather(labels, indices)
 
         train = (tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True)
                  .batch(batch_size).map(draw).prefetch(2))

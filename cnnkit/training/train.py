@@ -55,6 +55,15 @@ def configure_devices():
     return tf.distribute.OneDeviceStrategy("/gpu:0")
 
 
+def feature_split(config: RecipeConfig) -> str | None:
+    """The first layer that runs every epoch on cached features (None: the first trainable one):
+    the recipe's ``feature_cache_from``, else the layer fine-tuning starts from, which stays frozen
+    before it in both phases."""
+    if config.feature_cache_from is not None:
+        return config.feature_cache_from
+    return config.fine_tune.from_layer if config.fine_tune is not None else None
+
+
 def augmentation_tag(config: RecipeConfig) -> str:
     """A short digest of the augmentation settings and seed, naming cached augmented features."""
     settings = json.dumps([dataclasses.asdict(config.augmentation), config.seed], sort_keys=True)
@@ -428,7 +437,7 @@ def train(
                 load_settings().resolved_cache_dir, config.seed, views=config.feature_views,
                 # Each augmented view draws its own transformations (a seed of its own).
                 augmentation_for_view=lambda view: build_augmentation(config, seed=config.seed + 7919 * (view + 1)),
-                tag=augmentation_tag(config))
+                tag=augmentation_tag(config), split_at=feature_split(config))
             compile_for_recipe(fitted, config, steps_per_epoch)
         checkpoint.saved_model = model
     callbacks = [
@@ -464,8 +473,9 @@ def train(
                 if tune is None:
                     raise ValueError(f"Recipe {config.name!r} has two phases but no fine_tune section.")
                 trainable = set_trainable_from(model, tune.from_layer)
+                # With feature_cache, `fitted` is the model after the cached layers (sharing its layers).
                 compile_model(
-                    model, tune.optimizer, tune.learning_rate,
+                    fitted, tune.optimizer, tune.learning_rate,
                     steps_per_execution=config.steps_per_execution, label_smoothing=config.label_smoothing,
                 )
             checkpoint.state["wait"] = 0

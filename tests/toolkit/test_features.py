@@ -16,12 +16,12 @@ WEIGHTS = (Path(__file__).resolve().parents[3] / "shared" / "weights"
            / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
 
 
-def test_feature_cache_refuses_fine_tuning_and_needs_views_for_augmentation():
+def test_feature_cache_needs_views_for_augmentation():
     base = {"name": "x", "dataset": "cats_and_dogs", "model": "vgg16_transfer", "feature_cache": True}
     with pytest.raises(ConfigError, match="needs feature_views"):
         config_from_dict({**base, "augmentation": {"horizontal_flip": True}})
-    with pytest.raises(ConfigError, match="cannot be combined with fine_tune"):
-        config_from_dict({**base, "fine_tune": {"from_layer": "block5_conv1", "epochs": 1}})
+    with pytest.raises(ConfigError, match="feature_cache_from needs feature_cache"):
+        config_from_dict({**base, "feature_cache": False, "feature_cache_from": "block5_conv1"})
     with pytest.raises(ConfigError, match="feature_views needs feature_cache"):
         config_from_dict({**base, "feature_cache": False, "feature_views": 4, "augmentation": {"zoom": 0.1}})
     with pytest.raises(ConfigError, match="feature_views must be 0"):
@@ -111,6 +111,52 @@ def test_a_run_with_augmented_feature_views_trains_the_whole_model(tmp_path, dat
     assert len((run_dir / "history.csv").read_text().strip().splitlines()) == 3  # header and two epochs
     metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and (run_dir / "model.keras").is_file()
+
+
+def test_the_split_can_be_named_but_never_after_a_trained_layer():
+    from cnnkit.training.features import split_at_frozen_base
+    from cnnkit.training.models import create_model, set_trainable_from
+
+    model = create_model("vgg16_transfer", input_shape=(32, 32, 3), weights="none", dense_units=8)
+    base, head = split_at_frozen_base(model, "block5_conv1")
+    assert base.layers[-1].name == "block4_pool" and head.layers[1] is model.get_layer("block5_conv1")
+    with pytest.raises(ConfigError, match="has no layer 'block9'"):
+        split_at_frozen_base(model, "block9")
+    set_trainable_from(model, "block4_conv1")
+    with pytest.raises(ConfigError, match="must be frozen, but 'block4_conv1' trains"):
+        split_at_frozen_base(model, "block5_conv1")
+
+
+@pytest.mark.data
+def test_fine_tuning_on_cached_augmented_features_trains_the_top_block_only(tmp_path, data_root, monkeypatch):
+    """Phase one trains the head over cached block4 features (block5 frozen); phase two unfreezes
+    block5 and trains it on the same cache; the blocks below never change."""
+    import keras
+
+    from cnnkit.training.train import train
+
+    monkeypatch.setenv("CNNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = config_from_dict({
+        "name": "tiny_vgg16_tune_views", "dataset": "cats_and_dogs", "model": "vgg16_transfer",
+        "model_args": {"num_classes": 1, "weights": "none", "dense_units": 8}, "image_size": [32, 32],
+        "validation_size": 10, "train_limit": 30, "test_limit": 20, "epochs": 1, "batch_size": 10,
+        "feature_cache": True, "feature_views": 2, "augmentation": {"horizontal_flip": True},
+        "fine_tune": {"from_layer": "block5_conv1", "epochs": 1, "learning_rate": 1e-3},
+    })
+    keras.utils.set_random_seed(recipe.seed)
+    from cnnkit.training.models import create_model
+
+    initial = create_model("vgg16_transfer", input_shape=(32, 32, 3), num_classes=1, weights="none", dense_units=8)
+    run_dir = Path(train(recipe, run_dir=tmp_path / "run", data_dir=data_root, verbose=0))
+    trained = keras.models.load_model(run_dir / "last.keras")  # after the last epoch (model.keras is the best)
+    cached = sorted(path.name for path in (tmp_path / "cache" / "features").iterdir())
+    assert len(cached) == 3 and all("block5" not in name for name in cached)  # the base ends at block4_pool
+    assert len((run_dir / "history.csv").read_text().strip().splitlines()) == 3  # one epoch per phase
+    for name in ("block1_conv1", "block4_conv3"):  # frozen throughout: as initialised (same seed)
+        np.testing.assert_array_equal(trained.get_layer(name).get_weights()[0],
+                                      initial.get_layer(name).get_weights()[0])
+    assert not np.array_equal(trained.get_layer("block5_conv3").get_weights()[0],
+                              initial.get_layer("block5_conv3").get_weights()[0])  # fine-tuned
 
 
 @pytest.mark.data

@@ -37,12 +37,12 @@ def test_overrides_reach_nested_fields_and_parse_values():
 
 
 def test_fine_tune_section_can_be_added_by_override():
-    # The features recipe trains on cached features, which fine-tuning cannot: turn that off first.
-    with pytest.raises(ConfigError, match="cannot be combined with fine_tune"):
-        apply_overrides(load_recipe("catsdogs_vgg16_features"), ["fine_tune.epochs=2"])
     recipe = apply_overrides(load_recipe("catsdogs_vgg16_features"), ["feature_cache=false", "fine_tune.epochs=2"])
     assert recipe.fine_tune is not None and recipe.fine_tune.epochs == 2
     assert recipe.total_epochs == recipe.epochs + 2
+    # With the feature cache on, fine-tuning trains the layers from its from_layer on cached features.
+    cached = apply_overrides(load_recipe("catsdogs_vgg16_features"), ["fine_tune.epochs=2"])
+    assert cached.feature_cache and cached.fine_tune is not None
 
 
 @pytest.mark.parametrize(
