@@ -138,6 +138,11 @@ def augmented_base_features(base: keras.Model, images: np.ndarray, augmentation_
             features = _run_base(base, images, batch_size, bar, augmentation_for_view(view)).astype(np.float16)
             _save(path, features)
             copies.append(features)
+            if not bar.disable:
+                continue
+            # Without a terminal (a log file), one line per view says how far it got.
+            print(f"[cnnkit] {what}: augmented view {view + 1} of {views} cached "
+                  f"({time.perf_counter() - started:.0f} s so far)", file=sys.stderr)
     if cached < views:
         print(f"[cnnkit] {what}: {(views - cached) * len(images)} augmented images through the frozen base in "
               f"{time.perf_counter() - started:.0f} s, cached", file=sys.stderr)
