@@ -283,7 +283,9 @@ def test_concurrent_grpc_predictions_share_batches_and_get_their_own_rows(digits
     store = ModelStore(digits_repository)
     store.refresh()
     model = store.get("digits")
-    core = InferenceCore(store)
+    # Batches in threads only: a lone call for this quick model would otherwise run in the loop at
+    # once, and on a loaded machine every call may find itself alone.
+    core = InferenceCore(store, inline_batch_ms=0)
     server = build_server(core, port=0, max_workers=2)  # inference does not use the thread pool
     server.start()
     images = digits[0][:8].astype(np.float32)
