@@ -129,3 +129,78 @@ def test_sigterm_drains_the_service_without_losing_an_admitted_request(digits_re
     assert not_ready, readiness  # readiness turned 503 first ...
     assert [status for moment, status in answers if moment > not_ready[0]]  # ... while requests were still served
     assert all(moment > signalled for moment, _ in failures)  # refusals only once it stopped taking connections
+
+
+def test_sigterm_drains_grpc_too_health_first_then_calls_in_flight_finish(digits_repository, tmp_path):
+    """SIGTERM during gRPC load: health answers NOT_SERVING at once while Predict calls are still
+    answered for the whole drain window; only then are calls refused; the process exits 0."""
+    import io
+    import shutil
+    import threading
+    import time
+
+    import grpc
+    import numpy as np
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from PIL import Image
+    from services import RunningService
+
+    from cnnkit_client.protos.tfs import predict_pb2, prediction_service_pb2_grpc
+    from cnnkit_client.tensors import to_tensor_proto
+
+    repository = tmp_path / "model_repository"
+    shutil.copytree(digits_repository, repository)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png, format="PNG")
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digits"
+    request.inputs["image"].CopyFrom(to_tensor_proto(np.array([png.getvalue()], dtype=object)))
+    service = RunningService(repository, environment={"CNNKIT_DRAIN_SECONDS": "2"})
+    answers: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with grpc.insecure_channel(service.grpc_target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.Predict(request, timeout=30)
+                    answers.append((time.monotonic(), "OK"))
+                except grpc.RpcError as error:
+                    answers.append((time.monotonic(), error.code().name))
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    health: list[tuple[float, str]] = []
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        os.kill(service.pid, signal.SIGTERM)
+        with grpc.insecure_channel(service.grpc_target) as channel:
+            checks = health_pb2_grpc.HealthStub(channel)
+            while service.process.poll() is None and time.monotonic() - signalled < 60:
+                try:
+                    status = checks.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    health.append((time.monotonic(), health_pb2.HealthCheckResponse.ServingStatus.Name(status)))
+                except grpc.RpcError as error:
+                    health.append((time.monotonic(), error.code().name))
+                time.sleep(0.1)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert service.process.wait(60) == 0, service.log_tail()
+    finally:
+        stop.set()
+        service.stop()
+    assert [status for moment, status in answers if moment < signalled] and \
+        {status for moment, status in answers if moment < signalled} == {"OK"}
+    not_serving = [moment for moment, status in health if status == "NOT_SERVING"]
+    assert not_serving, health[:5]  # health turned first ...
+    during_drain = [status for moment, status in answers if moment < signalled + 2.0]
+    assert set(during_drain) == {"OK"}  # ... and for the 2 s drain every call was answered
+    assert [moment for moment, status in answers if status == "OK" and moment > not_serving[0]]
+    # When the server stops, calls that race with it are refused (UNAVAILABLE), or cancelled if the
+    # transport had taken them but no handler had (grpcio's thread-pool server did the same).
+    assert {status for _, status in answers} <= {"OK", "UNAVAILABLE", "CANCELLED"}, answers[-5:]
