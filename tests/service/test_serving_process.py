@@ -70,6 +70,34 @@ def test_a_busy_port_stops_serve_at_once_with_one_line(busy, digits_repository):
 
 
 @pytest.mark.data
+def _sigterm_under_load(service, client, clients: int, stop, probe) -> tuple[float, list]:
+    """Run ``clients`` threads of ``client`` against ``service``, SIGTERM it after a second, and call
+    ``probe()`` every 0.1 s until it exits (which must be with 0); returns (when it was signalled,
+    [(moment, probe answer)...]). The clients stop when ``stop`` is set."""
+    import threading
+    import time
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    observed = []
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        os.kill(service.pid, signal.SIGTERM)
+        while service.process.poll() is None and time.monotonic() - signalled < 60:
+            observed.append((time.monotonic(), probe()))
+            time.sleep(0.1)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert service.process.wait(60) == 0, service.log_tail()
+    finally:
+        stop.set()
+        service.stop()
+    return signalled, observed
+
+
 def test_sigterm_drains_the_service_without_losing_an_admitted_request(digits_repository, tmp_path):
     """SIGTERM to `cnnkit serve` (as Kubernetes sends it) during a 16-client load: readiness turns 503
     first while predictions are still answered, every request the service took is answered 200, and
@@ -105,25 +133,13 @@ def test_sigterm_drains_the_service_without_losing_an_admitted_request(digits_re
                     failures.append((time.monotonic(), type(error).__name__))
                     time.sleep(0.05)
 
-    threads = [threading.Thread(target=client) for _ in range(16)]
-    try:
-        for thread in threads:
-            thread.start()
-        time.sleep(1.0)
-        signalled = time.monotonic()
-        os.kill(service.pid, signal.SIGTERM)
-        readiness: list[tuple[float, int]] = []
-        while service.process.poll() is None and time.monotonic() - signalled < 60:
-            with contextlib.suppress(httpx.TransportError):
-                readiness.append((time.monotonic(), httpx.get(f"{service.url}/readyz", timeout=5).status_code))
-            time.sleep(0.1)
-        stop.set()
-        for thread in threads:
-            thread.join(60)
-        assert service.process.wait(60) == 0, service.log_tail()
-    finally:
-        stop.set()
-        service.stop()
+    def ready():
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(f"{service.url}/readyz", timeout=5).status_code
+        return None
+
+    signalled, observed = _sigterm_under_load(service, client, 16, stop, ready)
+    readiness = [(moment, status) for moment, status in observed if status is not None]
     assert {status for _, status in answers} == {200}  # nothing the service took was lost or failed
     not_ready = [moment for moment, status in readiness if status == 503]
     assert not_ready, readiness  # readiness turned 503 first ...
@@ -170,30 +186,17 @@ def test_sigterm_drains_grpc_too_health_first_then_calls_in_flight_finish(digits
                     answers.append((time.monotonic(), error.code().name))
                     time.sleep(0.05)
 
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    health: list[tuple[float, str]] = []
-    try:
-        for thread in threads:
-            thread.start()
-        time.sleep(1.0)
-        signalled = time.monotonic()
-        os.kill(service.pid, signal.SIGTERM)
-        with grpc.insecure_channel(service.grpc_target) as channel:
-            checks = health_pb2_grpc.HealthStub(channel)
-            while service.process.poll() is None and time.monotonic() - signalled < 60:
-                try:
-                    status = checks.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                    health.append((time.monotonic(), health_pb2.HealthCheckResponse.ServingStatus.Name(status)))
-                except grpc.RpcError as error:
-                    health.append((time.monotonic(), error.code().name))
-                time.sleep(0.1)
-        stop.set()
-        for thread in threads:
-            thread.join(60)
-        assert service.process.wait(60) == 0, service.log_tail()
-    finally:
-        stop.set()
-        service.stop()
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        checks = health_pb2_grpc.HealthStub(channel)
+
+        def healthy():
+            try:
+                status = checks.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as error:
+                return error.code().name
+
+        signalled, health = _sigterm_under_load(service, client, 8, stop, healthy)
     assert [status for moment, status in answers if moment < signalled] and \
         {status for moment, status in answers if moment < signalled} == {"OK"}
     not_serving = [moment for moment, status in health if status == "NOT_SERVING"]
