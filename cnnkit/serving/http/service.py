@@ -50,6 +50,7 @@ from cnnkit.serving.http.middleware import (  # noqa: E402
     ConcurrencyLimitMiddleware,
     MountRootMiddleware,
     ValidationAnswerMiddleware,
+    use_request_timeout_middleware,
 )
 from cnnkit.serving.http.rest import build_models_app, build_tf_serving_app  # noqa: E402
 from cnnkit.serving.http.v2 import build_v2_app  # noqa: E402
@@ -235,6 +236,11 @@ def _current_core() -> InferenceCore:
     if service is None:
         raise RuntimeError("The cnnkit service is not running.")
     return service.core
+
+
+# traffic.timeout below is served by cnnkit's RequestTimeoutMiddleware (BentoML's leaks a timer per
+# request for the whole timeout).
+use_request_timeout_middleware()
 
 
 @bentoml.asgi_app(build_tf_serving_app(_current_core), path="/v1")
