@@ -4,14 +4,17 @@ wrk (HTTP/1.1: ``/predict`` multipart and TF Serving's REST JSON) and h2load (gR
 a pre-framed request body) leave the cores to the server, unlike a Python load generator. For
 each protocol and level: req/s and the generator's own p50/p99 (wrk only: h2load reports no
 percentiles), the server's mean inference batch (from ``/metrics``, before and after), and p50/p99
-from a Python client at the same level (the SDK over gRPC, httpx over HTTP), since wrk's latency
-figures are unreliable against some servers; and the server's stalls during the level (garbage
+from a Python client at the same level (the SDK over gRPC; over HTTP, kept-alive connections on
+raw asyncio streams from one process, or httpx with ``--python-client httpx``, whose own 1-4 ms of
+CPU per call on the server's cores shows up in its latencies), since wrk's latency figures are
+unreliable against some servers; and the server's stalls during the level (garbage
 collections over 25 ms, event-loop lags over 50 ms, from ``/metrics``). Then the issue's targets,
 as ratios of this run.
 
     python benchmarks/compiled_load.py [--run runs/mnist_convnet | --tiny-recipe mnist_convnet]
                                        [--model digits] [--clients 1,16,64] [--seconds 10]
                                        [--workers 1] [--protocols grpc,multipart,rest,b64]
+                                       [--python-client lean|httpx]
 
 Needs ``wrk`` and ``h2load`` (Debian: ``apt-get install wrk nghttp2-client``).
 """
@@ -127,6 +130,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="server processes (cnnkit serve --workers)")
     parser.add_argument("--protocols", default="grpc,multipart,rest,b64",
                         help="which of grpc, multipart, rest (JSON pixels), b64 (JSON base64) to run")
+    parser.add_argument("--python-client", choices=("lean", "httpx"), default="lean",
+                        help="the Python client that cross-checks HTTP latencies: raw asyncio streams "
+                             "in one process (lean) or httpx in up to four processes")
     args = parser.parse_args()
     missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
     if missing:
@@ -136,7 +142,7 @@ def main() -> int:
 
     import numpy as np
     from PIL import Image
-    from serving_throughput import grpc_load, http_load, multipart_body, prepare_model
+    from serving_throughput import grpc_load, http_load, lean_http_load, multipart_body, prepare_model
 
     from cnnkit.serving.process import ServiceProcess
     from cnnkit_client.protos.tfs import predict_pb2
@@ -171,7 +177,7 @@ def main() -> int:
                     service.url, f"/v1/models/{args.model}:predict", rest_b64, "application/json", clients,
                     args.seconds, workdir),
             }
-            python_clients = {
+            httpx_clients = {
                 "gRPC Predict (h2load)": lambda clients: grpc_load(service.grpc_target, image, args.model, clients,
                                                                    args.seconds, "python gRPC"),
                 "HTTP /predict multipart (wrk)": lambda clients: http_load(
@@ -181,6 +187,14 @@ def main() -> int:
                     service.url, f"/v1/models/{args.model}:predict", None, None, clients, args.seconds, None,
                     "python REST", content=rest_json, headers={"Content-Type": "application/json"}),
             }
+            lean_clients = {
+                "HTTP /predict multipart (wrk)": lambda clients: lean_http_load(
+                    service.url, "/predict", multipart, multipart_type, clients, args.seconds, "python HTTP"),
+                "REST JSON pixels (wrk)": lambda clients: lean_http_load(
+                    service.url, f"/v1/models/{args.model}:predict", rest_json, "application/json", clients,
+                    args.seconds, "python REST"),
+            }
+            python_clients = {**httpx_clients, **(lean_clients if args.python_client == "lean" else {})}
             chosen = {"grpc": "gRPC Predict (h2load)", "multipart": "HTTP /predict multipart (wrk)",
                       "rest": "REST JSON pixels (wrk)", "b64": "REST JSON b64 (wrk)"}
             unknown = set(args.protocols.split(",")) - set(chosen)
@@ -205,7 +219,7 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"{args.workers} server process(es)")
+    print(f"{args.workers} server process(es); HTTP cross-checked with the {args.python_client} Python client")
     print("| protocol | clients | req/s | generator p50 / p99 ms | mean batch | GC > 25 ms | loop lag > 50 ms "
           "| Python client req/s | Python p50 / p99 ms | p99 / p50 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
