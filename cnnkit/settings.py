@@ -67,6 +67,10 @@ class Settings(BaseSettings):
         "its own ONNX Runtime sessions sharing the cores."))
     api_key: str | None = Field(None, description="When set, every route but health checks needs this key.")
     access_log: bool = Field(True, description="One log line per HTTP request (with its request id).")
+    trace_requests: bool = Field(False, description=(
+        "OpenTelemetry spans for each HTTP request (BentoML's tracing; export them with its tracing "
+        "settings). Off, no spans are made: BentoML records three per request even with nothing exporting "
+        "them, about a tenth of the HTTP server's time."))
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of cnnkit's log lines.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or as one JSON object each.")
     cors_origins: CommaList = Field(

@@ -55,6 +55,8 @@ def test_three_ways_to_predict_agree(client, digits):
     upload = client.post("/predict", files={"image": ("digit.png", pngs[0], "image/png")},
                          data={"model": "digits", "top_k": "3"})
     assert upload.status_code == 200, upload.text
+    # No OpenTelemetry spans by default (CNNKIT_TRACE_REQUESTS): BentoML's request id comes from one.
+    assert "x-bentoml-request-id" not in upload.headers
     as_b64 = client.post("/predict_json", json={"model": "digits", "images": [b64(pngs[0])], "top_k": 3})
     as_tensor = client.post("/predict_json", json={"model": "digits", "instances": images[:1].tolist(),
                                                    "top_k": 3})
@@ -263,10 +265,12 @@ def test_new_version_is_picked_up_without_failed_requests(own_service, digits):
 
 
 def test_api_key_cors_request_ids_and_json_logs(repository, digits):
-    """One service with an API key, CORS for one origin and JSON log lines (settings from the environment)."""
+    """One service with an API key, CORS for one origin, JSON log lines and request tracing (settings
+    from the environment)."""
     origin = "https://app.example"
     running = RunningService(repository, api_key="k3y", environment={
-        "CNNKIT_CORS_ORIGINS": origin, "CNNKIT_LOG_FORMAT": "json", "CNNKIT_LOG_LEVEL": "info"})
+        "CNNKIT_CORS_ORIGINS": origin, "CNNKIT_LOG_FORMAT": "json", "CNNKIT_LOG_LEVEL": "info",
+        "CNNKIT_TRACE_REQUESTS": "true"})
     try:
         body = {"model": "digits", "images": [b64(digits[2][0])]}
         assert httpx.post(f"{running.url}/predict_json", json=body).status_code == 401
@@ -287,6 +291,7 @@ def test_api_key_cors_request_ids_and_json_logs(repository, digits):
         assert "x-api-key" in preflight.headers["access-control-allow-headers"]
         called = httpx.post(f"{running.url}/predict_json", json=body, headers={"x-api-key": "k3y", "origin": origin})
         assert called.headers["access-control-allow-origin"] == origin
+        assert len(called.headers["x-bentoml-request-id"]) == 16  # the id of the request's tracing span
         stranger = httpx.options(f"{running.url}/predict_json", headers={
             "origin": "https://evil.example", "access-control-request-method": "POST"})
         assert "access-control-allow-origin" not in stranger.headers

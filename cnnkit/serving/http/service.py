@@ -251,6 +251,8 @@ use_request_timeout_middleware()
     # The concurrency cap is cnnkit's own (ConcurrencyLimitMiddleware, below): BentoML's counts a
     # request from its first byte, so stalled uploads could fill it.
     traffic={"timeout": 60},
+    # No spans unless asked for: with or without an exporter BentoML's sampler records every span.
+    **({} if SETTINGS.trace_requests else {"tracing": {"excluded_urls": ".*"}}),
     http={"host": SETTINGS.host, "port": SETTINGS.http_port},
     # N processes, each with its own event loop, batchers, ONNX Runtime sessions and gRPC server.
     workers=SETTINGS.workers,
