@@ -171,7 +171,7 @@ def lean_http_load(url: str, path: str, body: bytes, content_type: str, clients:
             if status >= 400:
                 raise RuntimeError(f"HTTP {status}")
 
-        pools = [[] for _ in range(clients)]
+        pools: list[list] = [[] for _ in range(clients)]
         await asyncio.gather(*(one(streams) for streams in pools))  # warm-up: connect every client
         free = list(pools)
 
