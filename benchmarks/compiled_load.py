@@ -177,7 +177,7 @@ def main() -> int:
                     service.url, f"/v1/models/{args.model}:predict", rest_b64, "application/json", clients,
                     args.seconds, workdir),
             }
-            httpx_clients = {
+            python_clients = {
                 "gRPC Predict (h2load)": lambda clients: grpc_load(service.grpc_target, image, args.model, clients,
                                                                    args.seconds, "python gRPC"),
                 "HTTP /predict multipart (wrk)": lambda clients: http_load(
@@ -187,14 +187,14 @@ def main() -> int:
                     service.url, f"/v1/models/{args.model}:predict", None, None, clients, args.seconds, None,
                     "python REST", content=rest_json, headers={"Content-Type": "application/json"}),
             }
-            lean_clients = {
-                "HTTP /predict multipart (wrk)": lambda clients: lean_http_load(
-                    service.url, "/predict", multipart, multipart_type, clients, args.seconds, "python HTTP"),
-                "REST JSON pixels (wrk)": lambda clients: lean_http_load(
-                    service.url, f"/v1/models/{args.model}:predict", rest_json, "application/json", clients,
-                    args.seconds, "python REST"),
-            }
-            python_clients = {**httpx_clients, **(lean_clients if args.python_client == "lean" else {})}
+            if args.python_client == "lean":
+                python_clients.update({
+                    "HTTP /predict multipart (wrk)": lambda clients: lean_http_load(
+                        service.url, "/predict", multipart, multipart_type, clients, args.seconds, "python HTTP"),
+                    "REST JSON pixels (wrk)": lambda clients: lean_http_load(
+                        service.url, f"/v1/models/{args.model}:predict", rest_json, "application/json", clients,
+                        args.seconds, "python REST"),
+                })
             chosen = {"grpc": "gRPC Predict (h2load)", "multipart": "HTTP /predict multipart (wrk)",
                       "rest": "REST JSON pixels (wrk)", "b64": "REST JSON b64 (wrk)"}
             unknown = set(args.protocols.split(",")) - set(chosen)

@@ -156,12 +156,9 @@ def lean_http_load(url: str, path: str, body: bytes, content_type: str, clients:
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
     async def main() -> Measured:
-        async def connection() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            return await asyncio.open_connection(host, port)
-
         async def one(streams: list) -> None:
             if not streams:
-                streams.extend(await connection())
+                streams.extend(await asyncio.open_connection(host, port))
             reader, writer = streams
             writer.write(request)
             status, kept = await _read_http_response(reader)

@@ -105,12 +105,12 @@ def _request_state_outlives_the_request(middleware_class) -> bool:
             assert sent[0]["status"] == 200
             return weakref.ref(state)
 
-        # A task of its own, as a server gives each request: its context is a copy, alive with
-        # the task (until it is dropped) and with whatever else copied it.
         # A timer due before the request's stays pending (a server has such timers), so a
         # cancelled timer of the request's stays in the event loop's queue for now.
         loop = asyncio.get_running_loop()
         earlier = loop.call_later(30, lambda: None, context=contextvars.Context())
+        # A task of its own, as a server gives each request: its context is a copy, alive with
+        # the task (until it is dropped) and with whatever else copied it.
         request = loop.create_task(one_request())
         reference = await request
         del request
