@@ -88,6 +88,9 @@ class Settings(BaseSettings):
         description="Let ONNX Runtime's threads spin between runs (faster alone, burns a core).")
     max_batch_size: int = Field(64, ge=1, description="Most images in one ONNX Runtime call of the batcher.")
     batch_wait_ms: float = Field(0.0, ge=0, description="How long a batch waits for company (0: natural batching).")
+    batch_gather_ms: float = Field(
+        20.0, ge=0, description=("Under load (the serving loop busy with other calls), how long a batch may keep "
+                                 "taking the calls the loop submits before it runs (0: never gather)."))
     inline_batch_ms: float = Field(
         1.0, ge=0, description=("A lone request whose model is measured to take at most this long runs in the "
                                 "serving event loop instead of a thread (0: always a thread)."))

@@ -102,7 +102,7 @@ class InferenceCore:
     def __init__(self, store: ModelStore, *, limits: InputLimits = DEFAULT_LIMITS,
                  max_batch_size: int = 64, max_wait_ms: float = 0.0, max_queue: int | None = None,
                  max_queue_ms: float | None = None, explanations: Explanations | None = None,
-                 inline_batch_ms: float = 1.0):
+                 inline_batch_ms: float = 1.0, batch_gather_ms: float = 20.0):
         self.store = store
         # Grad-CAM and filter patterns run in a TensorFlow worker process, shared by HTTP and gRPC.
         self.explanations = explanations if explanations is not None else Explanations()
@@ -112,6 +112,8 @@ class InferenceCore:
         self.max_wait_ms = max_wait_ms
         # A lone request for a quick model runs in the event loop (see cnnkit.serving.batching).
         self.inline_batch_ms = inline_batch_ms
+        # Under load a batch gathers the calls the loop is about to submit (see cnnkit.serving.batching).
+        self.batch_gather_ms = batch_gather_ms
         # Admission control (see cnnkit.serving.batching): None leaves the queues unbounded.
         self.max_queue = max_queue
         self.max_queue_ms = max_queue_ms
@@ -126,14 +128,14 @@ class InferenceCore:
                              max_batch=settings.max_images)
         return cls(store, limits=limits, max_batch_size=settings.max_batch_size, max_wait_ms=settings.batch_wait_ms,
                    max_queue=settings.max_queue, max_queue_ms=settings.max_queue_ms,
-                   inline_batch_ms=settings.inline_batch_ms,
+                   inline_batch_ms=settings.inline_batch_ms, batch_gather_ms=settings.batch_gather_ms,
                    explanations=explanations if explanations is not None else Explanations.from_settings(settings))
 
     def _make_batcher(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]],
                       on_batch: Callable[[int], None]) -> MicroBatcher:
         return MicroBatcher(infer, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
                             on_batch=on_batch, max_queue=self.max_queue, max_queue_ms=self.max_queue_ms,
-                            inline_ms=self.inline_batch_ms)
+                            inline_ms=self.inline_batch_ms, gather_ms=self.batch_gather_ms)
 
     def loop_batchers(self) -> VersionBatchers:
         """The batchers of the running event loop (made on its first request)."""

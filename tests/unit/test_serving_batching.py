@@ -313,3 +313,105 @@ def test_requests_arriving_while_a_batch_runs_still_form_the_next_batch():
     rows, inline = asyncio.run(main())
     assert rows == [0.0, 1.0, 2.0, 3.0, 4.0] and inline == 0
     assert sizes[-1] == 5  # the five that arrived while a batch ran formed one batch
+
+
+def _timed_quick_batcher(sizes: list[int], **options) -> MicroBatcher:
+    """A batcher for a quick model (0.1 ms an image, already timed), recording its batch sizes."""
+
+    def infer(images):
+        sizes.append(len(images))
+        return {"out": images}
+
+    batcher = MicroBatcher(infer, **options)
+    batcher.seconds_per_image = 0.0001
+    return batcher
+
+
+async def _busy_clients(batcher: MicroBatcher, clients: int) -> list[float]:
+    """``clients`` callers that each read their request over a few loop turns (as a server's
+    calls do) and then submit it: while some submit, the others keep the loop busy."""
+
+    async def client(index: int) -> float:
+        for _ in range(index % 4):
+            await asyncio.sleep(0)
+        return float((await batcher.submit(np.full((1, 1), index, np.float32)))["out"][0, 0])
+
+    rows = await asyncio.gather(*(client(index) for index in range(clients)))
+    batcher.close()
+    return rows
+
+
+def test_under_a_busy_loop_a_batch_gathers_the_calls_about_to_be_submitted():
+    """A quick model under many clients: with gathering, the calls the loop submits over the next
+    turns join one batch; without it (gather_ms=0), each runs alone in the loop."""
+    gathered: list[int] = []
+    batcher = _timed_quick_batcher(gathered)
+    rows = asyncio.run(_busy_clients(batcher, 40))
+    assert rows == [float(index) for index in range(40)]
+    assert sum(gathered) == 40 and max(gathered) >= 8 and batcher.inline_batches == 0
+
+    alone: list[int] = []
+    never = _timed_quick_batcher(alone, gather_ms=0)
+    asyncio.run(_busy_clients(never, 40))
+    assert alone == [1] * 40 and never.inline_batches == 40
+
+
+def test_a_lone_client_never_gathers():
+    sizes: list[int] = []
+    batcher = _timed_quick_batcher(sizes, gather_ms=2000)
+
+    async def main():
+        started = time.perf_counter()
+        for index in range(5):
+            await batcher.submit(np.full((1, 1), index, np.float32))
+        batcher.close()
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(main())
+    # The first request finds the batcher's new worker about to start (one ready callback) and is
+    # queued; it still runs at once. Every later one runs in the loop.
+    assert sizes == [1] * 5 and batcher.inline_batches == 4 and elapsed < 1.0
+
+
+def test_two_quiet_batchers_do_not_keep_each_other_gathering():
+    """Each gathering worker yields a turn of the loop; another batcher must not take that for
+    calls on the way, or two models with one request each would both wait out gather_ms."""
+    first_sizes: list[int] = []
+    second_sizes: list[int] = []
+    first = _timed_quick_batcher(first_sizes, gather_ms=2000)
+    second = _timed_quick_batcher(second_sizes, gather_ms=2000)
+
+    async def main():
+        started = time.perf_counter()
+        await asyncio.gather(first.submit(np.ones((1, 1), np.float32)), second.submit(np.ones((1, 1), np.float32)))
+        first.close()
+        second.close()
+        return time.perf_counter() - started
+
+    assert asyncio.run(main()) < 1.0
+    assert first_sizes == [1] and second_sizes == [1]
+
+
+def test_gathering_ends_at_gather_ms_on_a_loop_that_never_rests():
+    sizes: list[int] = []
+    batcher = _timed_quick_batcher(sizes, gather_ms=50)
+
+    async def main():
+        stop = asyncio.Event()
+
+        async def spinner():
+            while not stop.is_set():
+                await asyncio.sleep(0)
+
+        spinning = asyncio.create_task(spinner())
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        await batcher.submit(np.ones((1, 1), np.float32))
+        elapsed = time.perf_counter() - started
+        stop.set()
+        await spinning
+        batcher.close()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert sizes == [1] and 0.04 <= elapsed < 1.0
