@@ -202,8 +202,8 @@ class MicroBatcher(Batching):
         """Whether the running loop has other callbacks ready to run: under load it nearly always
         has (calls being read, answers being sent), for a lone client it has none. The turns that
         other batchers' workers yield while they gather do not count (or two quiet models would
-        keep each other gathering). Gathering off
-        (``gather_ms=0``) or a loop without the standard ``_ready`` queue: never busy."""
+        keep each other gathering). Gathering off (``gather_ms=0``) or a loop without the standard
+        ``_ready`` queue: never busy."""
         if self.gather_seconds <= 0:
             return False
         loop = asyncio.get_running_loop()
