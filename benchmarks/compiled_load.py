@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +51,23 @@ def batch_totals(url: str, model: str) -> tuple[float, float]:
         if f'model="{model}"' in labels:
             total[kind] += float(value)
     return total["count"], total["sum"]
+
+
+def settle(url: str, seconds: float = 5.0) -> None:
+    """Wait until no HTTP request is in progress on the server (at most ``seconds``): a load
+    generator that stops leaves its last requests running for a moment, and the next level's
+    clients would find their slots taken (429) if they started at once."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        busy = sum(float(value) for endpoint, value in re.findall(
+            r'^bentoml_service_request_in_progress\{endpoint="([^"]+)"[^}]*\} (\S+)$', text, re.MULTILINE)
+            if endpoint != "/metrics")
+        if busy == 0:
+            return
+        time.sleep(0.1)
 
 
 def pauses(url: str) -> dict[str, float]:
@@ -203,6 +221,7 @@ def main() -> int:
             protocols = {chosen[name]: protocols[chosen[name]] for name in args.protocols.split(",")}
             for protocol, generate in protocols.items():
                 for clients in levels:
+                    settle(service.url)
                     calls_before, images_before = batch_totals(service.url, args.model)
                     paused_before = pauses(service.url)
                     measured = generate(clients)
@@ -212,6 +231,7 @@ def main() -> int:
                     calls = calls_after - calls_before
                     mean_batch = (images_after - images_before) / calls if calls else float("nan")
                     python = python_clients.get(protocol)
+                    settle(service.url)
                     checked = python(clients) if python is not None else None
                     rows.append((protocol, clients, measured, mean_batch, checked))
                     print(f"{protocol} {clients}: {measured['rate']:.0f} req/s, batch {mean_batch:.1f}",

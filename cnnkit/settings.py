@@ -95,8 +95,8 @@ class Settings(BaseSettings):
         1.0, ge=0, description=("A lone request whose model is measured to take at most this long runs in the "
                                 "serving event loop instead of a thread (0: always a thread)."))
     max_concurrency: int = Field(
-        64, ge=1, description=("Most HTTP requests in progress at once (counted once their body has arrived); "
-                               "more are answered 429."))
+        64, ge=1, description=("Most HTTP requests in progress at once in each server process (counted once "
+                               "their body has arrived); more are answered 429."))
     body_timeout: float = Field(
         10.0, gt=0, description=("Seconds an HTTP request body may pause between two pieces before it is "
                                  "answered 408 and its connection closed."))

@@ -499,8 +499,11 @@ Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
     BodyLimitMiddleware, limit=SETTINGS.max_body_bytes * 4 // 3 + 64 * 1024, body_timeout=SETTINGS.body_timeout,
     watched_paths=("/gradcam", "/gradcam_json", "/filter_patterns"),
 )
+# The cap is per server process: the kernel does not spread connections evenly between the
+# processes of `--workers N` (with two processes and 64 kept-alive clients, one process often holds
+# 40), so a share of max_concurrency / N per process refused requests well below the total.
 Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
-    ConcurrencyLimitMiddleware, limit=math.ceil(SETTINGS.max_concurrency / SETTINGS.workers)
+    ConcurrencyLimitMiddleware, limit=SETTINGS.max_concurrency
 )
 if SETTINGS.api_key:
     Classifier.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)  # type: ignore[attr-defined]
