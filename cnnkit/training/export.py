@@ -297,6 +297,19 @@ def check_parity(graph: ServingGraph, loaded, onnx_path: Path, images: np.ndarra
     return report
 
 
+def accuracy_batch_size(activation_shapes: list[tuple[int, ...]], budget_bytes: int = 256 * 2**20,
+                        most: int = 256) -> int:
+    """Images per ONNX Runtime call when the export recomputes the test accuracy: at most ``most``,
+    and few enough that the largest activation of a batch (float32, the shapes without the batch)
+    stays within ``budget_bytes``. ONNX Runtime holds a few such tensors at once and its arena
+    keeps them: VGG16 at 224x224 has 12.25 MiB of ``block1`` activations per image, so 256 images
+    at a time ran a 24 GB machine out of memory, where 20 need about 1 GB."""
+    largest = max((int(np.prod(shape)) * 4 for shape in activation_shapes), default=0)
+    if largest <= 0:
+        return most
+    return max(1, min(most, budget_bytes // largest))
+
+
 def onnx_accuracy(onnx_path: Path, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
     session = onnx_session(onnx_path)
     correct = 0
@@ -427,10 +440,12 @@ def export_run(
             verification["filter_responses"] = check_filter_responses(responses, graph, loaded, dataset.x_test[:8])
         if check_accuracy:
             _log(f"recomputing the test accuracy through ONNX Runtime on {len(dataset.x_test)} images")
-            accuracy = onnx_accuracy(onnx_path, dataset.x_test, dataset.y_test)
+            batch_size = accuracy_batch_size(
+                [graph.input_shape, *(tuple(graph.probe.get_layer(layer).output.shape[1:]) for layer in graph.layers)])
+            accuracy = onnx_accuracy(onnx_path, dataset.x_test, dataset.y_test, batch_size=batch_size)
             expected = float(metrics["test_accuracy"])
             verification["test_accuracy"] = {"onnx": round(accuracy, 6), "run": expected,
-                                              "images": int(len(dataset.x_test))}
+                                              "images": int(len(dataset.x_test)), "batch_size": batch_size}
             if abs(accuracy - expected) > ACCURACY_TOLERANCE:
                 raise ExportError(
                     f"Export verification failed: ONNX Runtime test accuracy {accuracy:.4f} differs "

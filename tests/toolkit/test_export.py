@@ -14,7 +14,7 @@ from processes import kill_when
 
 from cnnkit.repository import RepositoryError, open_version, scan_repository, sha256_file
 from cnnkit.training.config import config_from_dict
-from cnnkit.training.export import ExportError, export_run
+from cnnkit.training.export import ExportError, accuracy_batch_size, export_run, onnx_accuracy
 from cnnkit.training.train import train
 
 pytestmark = pytest.mark.data
@@ -126,10 +126,24 @@ def test_metadata_records_classes_input_layers_run_checks_and_hashes(exported, d
     assert set(parity["outputs"]) == {"probabilities", "conv1", "pool1", "conv2", "pool2", "conv3"}
     accuracy = metadata["verification"]["test_accuracy"]
     assert accuracy["images"] == 300 and abs(accuracy["onnx"] - accuracy["run"]) <= 0.001
+    assert accuracy["batch_size"] == 256  # 18 KiB of activations an image: the cap, not the budget
     assert len(metadata["source"]["commit"]) == 40
     assert set(metadata["files"]) >= {"saved_model.pb", "assets.extra/model.onnx"}
     for relative, digest in metadata["files"].items():
         assert sha256_file(exported.path / relative) == digest
+
+
+def test_the_accuracy_check_batches_by_activation_size_with_the_same_answer(exported):
+    # VGG16 at 224x224: block1's 224x224x64 float32 activations are 12.25 MiB an image.
+    vgg16_224 = [(224, 224, 3), (224, 224, 64), (112, 112, 128), (14, 14, 512)]
+    assert accuracy_batch_size(vgg16_224) == 20
+    assert accuracy_batch_size(vgg16_224, budget_bytes=1) == 1
+    assert accuracy_batch_size([(28, 28, 6)]) == 256
+    # The batch size does not change the answer.
+    onnx_path = exported.path / "assets.extra" / "model.onnx"
+    images = np.random.default_rng(0).uniform(0, 255, (50, 28, 28, 1)).astype(np.float32)
+    labels = np.random.default_rng(1).integers(0, 10, 50)
+    assert onnx_accuracy(onnx_path, images, labels, batch_size=7) == onnx_accuracy(onnx_path, images, labels)
 
 
 def test_versions_increase_and_earlier_ones_stay_untouched(exported, digits_run, data_root):
