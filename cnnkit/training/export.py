@@ -101,6 +101,8 @@ class ServingGraph:
             model.inputs, [model.outputs[0]] + [model.get_layer(name).output for name in self.layers],
             name=f"{model.name}_serving",
         )
+        # Each feature layer's output shape without the batch (for metadata and memory budgets).
+        self.layer_shapes = {name: tuple(model.get_layer(name).output.shape[1:]) for name in self.layers}
         self.binary = int(model.outputs[0].shape[-1]) == 1
         self.input_shape = tuple(int(size) for size in model.input_shape[1:])
         self.spec = tf.TensorSpec((None, *self.input_shape), tf.float32, name="image")
@@ -440,8 +442,7 @@ def export_run(
             verification["filter_responses"] = check_filter_responses(responses, graph, loaded, dataset.x_test[:8])
         if check_accuracy:
             _log(f"recomputing the test accuracy through ONNX Runtime on {len(dataset.x_test)} images")
-            batch_size = accuracy_batch_size(
-                [graph.input_shape, *(tuple(graph.probe.get_layer(layer).output.shape[1:]) for layer in graph.layers)])
+            batch_size = accuracy_batch_size([graph.input_shape, *graph.layer_shapes.values()])
             accuracy = onnx_accuracy(onnx_path, dataset.x_test, dataset.y_test, batch_size=batch_size)
             expected = float(metrics["test_accuracy"])
             verification["test_accuracy"] = {"onnx": round(accuracy, 6), "run": expected,
@@ -470,13 +471,12 @@ def export_run(
                     "probabilities": [None, len(dataset.class_names)],
                     "top_class": [None],
                 },
-                "feature_maps": {layer: [None, *graph.probe.get_layer(layer).output.shape[1:]]
-                                 for layer in graph.layers},
+                "feature_maps": {layer: [None, *shape] for layer, shape in graph.layer_shapes.items()},
             },
             "feature_layers": [
                 {"name": layer, "kind": graph.probe.get_layer(layer).__class__.__name__,
-                 "output_shape": list(graph.probe.get_layer(layer).output.shape[1:])}
-                for layer in graph.layers
+                 "output_shape": list(shape)}
+                for layer, shape in graph.layer_shapes.items()
             ],
             "sigmoid_output": graph.binary,
             # Grad-CAM is a SavedModel signature (TensorFlow computes the gradients); see cnnkit.training.explain.
